@@ -1,0 +1,212 @@
+//! Types shared by the kernel programs (`probe-ebpf`) and the node agent (`bakeoff-probe`).
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel writes these records into the ring
+//! buffer and the maps, user space reads them back byte for byte. Changing a layout means
+//! rebuilding both sides, which the build does together.
+#![no_std]
+
+/// Upper bound of the payload prefix a data event carries. A power of two: the kernel programs
+/// mask offsets with `MAX_PREFIX - 1` so the verifier can bound every copy.
+pub const MAX_PREFIX: usize = 4096;
+
+/// Default payload prefix (bytes per syscall) when the configuration does not set one.
+pub const DEFAULT_PREFIX: u32 = 1024;
+
+/// At most this many iovecs of a `readv`/`writev`/`recvmsg`/`sendmsg` are copied.
+pub const MAX_IOV: usize = 8;
+
+/// Cohort id 0 means "no cohort"; user space numbers real cohorts from 1.
+pub const COHORT_NONE: u32 = 0;
+
+/// Index of each per-CPU drop counter in the `DROPS` map.
+pub mod drop_reason {
+    /// The ring buffer was full; the event was not written.
+    pub const RINGBUF_FULL: u32 = 0;
+    /// The socket table was full; a connection was not tracked.
+    pub const SOCKETS_FULL: u32 = 1;
+    /// The in-flight syscall table was full; one read or write was missed.
+    pub const CALLS_FULL: u32 = 2;
+    /// Reading user memory failed; the event carries no payload but its length is exact.
+    pub const READ_USER: u32 = 3;
+    /// Number of counters.
+    pub const COUNT: u32 = 4;
+}
+
+/// What a ring-buffer record is. Every record starts with an [`EventHeader`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A process called `execve` (any process: user space evaluates the cohort rules).
+    Exec = 1,
+    /// A cohort process forked; the child inherited the cohort.
+    Fork = 2,
+    /// A cohort process (thread-group leader) exited.
+    Exit = 3,
+    /// A cohort process accepted or connected a socket.
+    Conn = 4,
+    /// A tracked socket was closed.
+    Close = 5,
+    /// Bytes read from or written to a tracked socket.
+    Data = 6,
+}
+
+impl EventKind {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Exec,
+            2 => Self::Fork,
+            3 => Self::Exit,
+            4 => Self::Conn,
+            5 => Self::Close,
+            6 => Self::Data,
+            _ => return None,
+        })
+    }
+}
+
+/// First bytes of every ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventHeader {
+    /// An [`EventKind`] as `u32`.
+    pub kind: u32,
+    /// Thread-group id (the process id user space sees).
+    pub tgid: u32,
+    /// `bpf_ktime_get_ns()` when the event happened (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+}
+
+/// `Exec`, `Fork`, `Exit`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcEvent {
+    pub header: EventHeader,
+    /// Fork: the child's pid (a thread id when the parent spawned a thread). Exec/Exit: the tgid.
+    pub pid: u32,
+    /// Cohort of the process (Fork, Exit), or `COHORT_NONE` (Exec).
+    pub cohort: u32,
+}
+
+/// Direction of a connection, seen from the watched process.
+pub mod conn_role {
+    /// The process accepted it: it serves requests (reads requests, writes responses).
+    pub const SERVER: u32 = 1;
+    /// The process connected: it sends requests (writes requests, reads responses).
+    pub const CLIENT: u32 = 2;
+}
+
+/// `Conn` (accept or connect) and `Close`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnEvent {
+    pub header: EventHeader,
+    pub fd: u32,
+    pub cohort: u32,
+    /// A [`conn_role`] value.
+    pub role: u32,
+    /// `AF_INET`, `AF_INET6`, or 0 when the process did not ask for the peer address.
+    pub family: u16,
+    /// Peer port, host byte order.
+    pub port: u16,
+    /// Peer address: 4 bytes for IPv4, 16 for IPv6, network byte order.
+    pub addr: [u8; 16],
+}
+
+/// Direction of a data event.
+pub mod data_dir {
+    /// The process read bytes from the socket.
+    pub const INGRESS: u8 = 1;
+    /// The process wrote bytes to the socket.
+    pub const EGRESS: u8 = 2;
+}
+
+/// Header of a `Data` record; `captured` payload bytes follow it in the same record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DataHeader {
+    pub header: EventHeader,
+    pub fd: u32,
+    pub cohort: u32,
+    /// Exact number of bytes the syscall moved (its return value).
+    pub len: u64,
+    /// Payload bytes that follow this header: `min(len, prefix)`, fewer if user memory was
+    /// unreadable.
+    pub captured: u32,
+    /// Per-socket sequence number of data events, from 1. A gap means events of this socket were
+    /// lost (ring buffer full), so user space resynchronises instead of misparsing.
+    pub seq: u32,
+    /// A [`data_dir`] value.
+    pub direction: u8,
+    /// The syscall, as a [`syscall`] value, for diagnostics.
+    pub syscall: u8,
+    pub _pad: [u8; 6],
+}
+
+/// A data record as the kernel assembles it in per-CPU scratch memory. Twice `MAX_PREFIX` long so
+/// that a masked offset plus a bounded length always stays in bounds for the verifier; only
+/// `size_of::<DataHeader>() + captured` bytes are sent.
+#[repr(C)]
+pub struct DataScratch {
+    pub header: DataHeader,
+    pub data: [u8; 2 * MAX_PREFIX],
+}
+
+/// Syscalls whose data the programs capture.
+pub mod syscall {
+    pub const READ: u8 = 1;
+    pub const WRITE: u8 = 2;
+    pub const READV: u8 = 3;
+    pub const WRITEV: u8 = 4;
+    pub const RECVFROM: u8 = 5;
+    pub const SENDTO: u8 = 6;
+    pub const RECVMSG: u8 = 7;
+    pub const SENDMSG: u8 = 8;
+    pub const SENDFILE: u8 = 9;
+    pub const ACCEPT: u8 = 10;
+    pub const CONNECT: u8 = 11;
+}
+
+/// Key of the tracked-socket map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+
+/// Value of the tracked-socket map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockInfo {
+    pub cohort: u32,
+    /// A [`conn_role`] value.
+    pub role: u32,
+    /// Last data-event sequence number given out for this socket.
+    pub seq: u32,
+    pub _pad: u32,
+}
+
+/// Arguments a `sys_enter_*` program saves for its `sys_exit_*` program, keyed by pid_tgid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CallArgs {
+    /// Buffer (read/write family), iovec array (readv/writev/recvmsg/sendmsg) or sockaddr
+    /// (accept/connect).
+    pub ptr: u64,
+    /// Number of iovecs, or 0.
+    pub iovcnt: u64,
+    pub fd: u32,
+    pub cohort: u32,
+    pub role: u32,
+    /// A [`syscall`] value.
+    pub syscall: u8,
+    pub _pad: [u8; 3],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]` with only integer fields and explicit padding.
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::SockInfo {}
+    unsafe impl aya::Pod for super::CallArgs {}
+}

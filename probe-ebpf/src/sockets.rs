@@ -1,0 +1,159 @@
+//! Socket lifecycle of cohort processes: accept and connect start tracking a (tgid, fd), close
+//! ends it.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    programs::TracePointContext,
+};
+use probe_common::{
+    COHORT_NONE, CallArgs, ConnEvent, EventHeader, EventKind, SockInfo, SockKey, conn_role,
+    drop_reason, syscall,
+};
+
+use crate::{
+    cohort::{current_cohort, current_tgid},
+    maps::{CALLS, SOCKETS, count_drop, emit},
+};
+
+/// Offsets of the first arguments and of the return value in `syscalls/sys_{enter,exit}_*`.
+pub const ARG0: usize = 16;
+pub const ARG1: usize = 24;
+pub const ARG2: usize = 32;
+pub const RET: usize = 16;
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const EINPROGRESS: i64 = 115;
+
+#[inline(always)]
+fn save(syscall: u8, fd: u32, ptr: u64, role: u32) {
+    let tgid = current_tgid();
+    let cohort = current_cohort(tgid);
+    if cohort == COHORT_NONE {
+        return;
+    }
+    let args = CallArgs {
+        ptr,
+        iovcnt: 0,
+        fd,
+        cohort,
+        role,
+        syscall,
+        _pad: [0; 3],
+    };
+    if CALLS.insert(bpf_get_current_pid_tgid(), args, 0).is_err() {
+        count_drop(drop_reason::CALLS_FULL);
+    }
+}
+
+/// `accept(fd, upeer_sockaddr, upeer_addrlen)` and `accept4(..., flags)`.
+pub fn enter_accept(ctx: &TracePointContext) {
+    let Ok(addr) = (unsafe { ctx.read_at::<u64>(ARG1) }) else {
+        return;
+    };
+    save(syscall::ACCEPT, 0, addr, conn_role::SERVER);
+}
+
+/// `connect(fd, uservaddr, addrlen)`.
+pub fn enter_connect(ctx: &TracePointContext) {
+    let (Ok(fd), Ok(addr)) = (unsafe { ctx.read_at::<u64>(ARG0) }, unsafe {
+        ctx.read_at::<u64>(ARG1)
+    }) else {
+        return;
+    };
+    save(syscall::CONNECT, fd as u32, addr, conn_role::CLIENT);
+}
+
+/// Exit of accept, accept4 and connect: on success, track the socket and tell user space.
+pub fn exit_accept_or_connect(ctx: &TracePointContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: copied out before the entry is removed.
+    let Some(args) = (unsafe { CALLS.get(pid_tgid) }).copied() else {
+        return;
+    };
+    let _ = CALLS.remove(pid_tgid);
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
+        return;
+    };
+    let fd = match args.syscall {
+        syscall::ACCEPT if ret >= 0 => ret as u32,
+        syscall::CONNECT if ret == 0 || ret == -EINPROGRESS => args.fd,
+        _ => return,
+    };
+    let tgid = (pid_tgid >> 32) as u32;
+    let mut event = ConnEvent {
+        header: EventHeader {
+            kind: EventKind::Conn as u32,
+            tgid,
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+        },
+        fd,
+        cohort: args.cohort,
+        role: args.role,
+        family: 0,
+        port: 0,
+        addr: [0; 16],
+    };
+    if args.ptr != 0 {
+        let sockaddr = args.ptr as *const u8;
+        let family = unsafe { bpf_probe_read_user(sockaddr as *const u16) }.unwrap_or(0);
+        match family {
+            AF_INET => {
+                if let Ok(a) = unsafe { bpf_probe_read_user(sockaddr.add(4) as *const [u8; 4]) } {
+                    event.addr[..4].copy_from_slice(&a);
+                }
+            }
+            AF_INET6 => {
+                if let Ok(a) = unsafe { bpf_probe_read_user(sockaddr.add(8) as *const [u8; 16]) } {
+                    event.addr = a;
+                }
+            }
+            // Unix-domain and other families are not tracked.
+            _ => return,
+        }
+        event.family = family;
+        let port = unsafe { bpf_probe_read_user(sockaddr.add(2) as *const u16) }.unwrap_or(0);
+        event.port = u16::from_be(port);
+    }
+    let info = SockInfo {
+        cohort: args.cohort,
+        role: args.role,
+        seq: 0,
+        _pad: 0,
+    };
+    if SOCKETS.insert(SockKey { tgid, fd }, info, 0).is_err() {
+        count_drop(drop_reason::SOCKETS_FULL);
+        return;
+    }
+    emit(&event);
+}
+
+/// `close(fd)`: one lookup for everyone; tracked sockets are forgotten and reported.
+pub fn enter_close(ctx: &TracePointContext) {
+    let Ok(fd) = (unsafe { ctx.read_at::<u64>(ARG0) }) else {
+        return;
+    };
+    let tgid = current_tgid();
+    let key = SockKey {
+        tgid,
+        fd: fd as u32,
+    };
+    // SAFETY: copied out before the entry is removed.
+    let Some(info) = (unsafe { SOCKETS.get(key) }).copied() else {
+        return;
+    };
+    let _ = SOCKETS.remove(key);
+    emit(&ConnEvent {
+        header: EventHeader {
+            kind: EventKind::Close as u32,
+            tgid,
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+        },
+        fd: fd as u32,
+        cohort: info.cohort,
+        role: info.role,
+        family: 0,
+        port: 0,
+        addr: [0; 16],
+    });
+}

@@ -1,0 +1,241 @@
+//! Which processes are watched: cohort rules compiled from the configuration and evaluated
+//! against `/proc` and the cgroup v2 tree.
+
+pub mod proc;
+
+use std::{
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use globset::{Glob, GlobMatcher};
+
+use crate::config::{CohortRule, ConfigError};
+
+/// Where cgroup v2 is mounted on hybrid hosts; `/sys/fs/cgroup` on unified ones.
+pub fn cgroup2_root() -> PathBuf {
+    let hybrid = Path::new("/sys/fs/cgroup/unified");
+    if hybrid.join("cgroup.controllers").exists() || hybrid.join("cgroup.procs").exists() {
+        hybrid.to_path_buf()
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
+    }
+}
+
+#[derive(Debug)]
+struct CompiledRule {
+    cohort: u32,
+    cgroup: Option<GlobMatcher>,
+    pid: Option<u32>,
+    exe: Option<GlobMatcher>,
+    env: Option<(String, Option<String>)>,
+    cgroup_only: bool,
+}
+
+/// A cgroup v2 directory whose processes form (part of) a cohort.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupMatch {
+    pub id: u64,
+    pub cohort: u32,
+    pub dir: PathBuf,
+}
+
+/// The compiled cohort rules. Cohort ids are 1-based indexes into `names`.
+#[derive(Debug)]
+pub struct Cohorts {
+    names: Vec<String>,
+    rules: Vec<CompiledRule>,
+    root: PathBuf,
+}
+
+impl Cohorts {
+    pub fn new(rules: &[CohortRule], root: PathBuf) -> Result<Self, ConfigError> {
+        let mut names: Vec<String> = Vec::new();
+        let mut compiled = Vec::new();
+        let glob = |pattern: &str, origin: &str| {
+            Glob::new(pattern)
+                .map(|g| g.compile_matcher())
+                .map_err(|e| ConfigError::Invalid {
+                    origin: origin.to_string(),
+                    message: format!("bad glob `{pattern}`: {e}"),
+                })
+        };
+        for rule in rules {
+            let cohort = match names.iter().position(|n| *n == rule.name) {
+                Some(i) => i as u32 + 1,
+                None => {
+                    names.push(rule.name.clone());
+                    names.len() as u32
+                }
+            };
+            let origin = format!("cohort {}", rule.name);
+            let cgroup = match &rule.cgroup {
+                Some(p) => {
+                    let abs = if p.starts_with('/') {
+                        PathBuf::from(p)
+                    } else {
+                        root.join(p)
+                    };
+                    let abs = abs.to_string_lossy().trim_end_matches('/').to_string();
+                    Some(glob(&abs, &origin)?)
+                }
+                None => None,
+            };
+            let exe = rule.exe.as_deref().map(|e| glob(e, &origin)).transpose()?;
+            let env = rule.env.as_ref().map(|e| match e.split_once('=') {
+                Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                None => (e.clone(), None),
+            });
+            compiled.push(CompiledRule {
+                cohort,
+                cgroup,
+                pid: rule.pid,
+                exe,
+                env,
+                cgroup_only: rule.is_cgroup_only(),
+            });
+        }
+        Ok(Self {
+            names,
+            rules: compiled,
+            root,
+        })
+    }
+
+    /// Cohort name for an id.
+    pub fn name(&self, cohort: u32) -> &str {
+        self.names
+            .get((cohort as usize).wrapping_sub(1))
+            .map_or("unknown", String::as_str)
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Whether some rule needs per-process evaluation (anything but a bare cgroup).
+    pub fn needs_process_rules(&self) -> bool {
+        self.rules.iter().any(|r| !r.cgroup_only)
+    }
+
+    /// cgroup v2 directories matched by cgroup-only rules. The cgroup id the kernel reports is
+    /// the directory's inode number.
+    pub fn cgroups(&self) -> Vec<CgroupMatch> {
+        let mut out = Vec::new();
+        let mut stack = vec![(self.root.clone(), 0usize)];
+        while let Some((dir, depth)) = stack.pop() {
+            let path = dir.to_string_lossy();
+            let path = path.trim_end_matches('/');
+            for rule in self.rules.iter().filter(|r| r.cgroup_only) {
+                if rule.cgroup.as_ref().is_some_and(|g| g.is_match(path))
+                    && let Ok(meta) = std::fs::metadata(&dir)
+                {
+                    out.push(CgroupMatch {
+                        id: meta.ino(),
+                        cohort: rule.cohort,
+                        dir: dir.clone(),
+                    });
+                    break;
+                }
+            }
+            if depth >= 16 {
+                continue;
+            }
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push((entry.path(), depth + 1));
+                }
+            }
+        }
+        out
+    }
+
+    /// The cohort of a process by the per-process rules (pid, exe, env, cgroup combined with
+    /// others), or `None`. Reads `/proc` only for what the rules ask.
+    pub fn match_process(&self, pid: u32) -> Option<u32> {
+        let mut info = proc::LazyProcess::new(pid);
+        self.rules
+            .iter()
+            .filter(|r| !r.cgroup_only)
+            .find(|rule| {
+                rule.pid.is_none_or(|p| p == pid)
+                    && rule
+                        .exe
+                        .as_ref()
+                        .is_none_or(|g| info.exe().is_some_and(|e| g.is_match(e)))
+                    && rule.env.as_ref().is_none_or(|(k, v)| {
+                        info.env(k)
+                            .is_some_and(|found| v.as_ref().is_none_or(|v| *v == found))
+                    })
+                    && rule.cgroup.as_ref().is_none_or(|g| {
+                        info.cgroup2()
+                            .is_some_and(|c| g.is_match(self.root.join(c.trim_start_matches('/'))))
+                    })
+            })
+            .map(|r| r.cohort)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(name: &str) -> CohortRule {
+        CohortRule {
+            name: name.into(),
+            ..CohortRule::default()
+        }
+    }
+
+    #[test]
+    fn ids_and_names() {
+        let rules = vec![
+            CohortRule {
+                pid: Some(1),
+                ..rule("baseline")
+            },
+            CohortRule {
+                pid: Some(2),
+                ..rule("canary")
+            },
+            CohortRule {
+                pid: Some(3),
+                ..rule("baseline")
+            },
+        ];
+        let c = Cohorts::new(&rules, PathBuf::from("/nonexistent")).unwrap();
+        assert_eq!(c.names(), ["baseline", "canary"]);
+        assert_eq!(c.name(1), "baseline");
+        assert_eq!(c.name(2), "canary");
+        assert_eq!(c.name(0), "unknown");
+    }
+
+    #[test]
+    fn matches_own_process_by_pid_exe_env() {
+        let me = std::process::id();
+        let exe = std::env::current_exe().unwrap();
+        let rules = vec![
+            CohortRule {
+                pid: Some(me),
+                exe: Some("/definitely/not/*".into()),
+                ..rule("a")
+            },
+            CohortRule {
+                exe: Some(exe.to_string_lossy().into_owned()),
+                env: Some("PATH".into()),
+                ..rule("b")
+            },
+        ];
+        let c = Cohorts::new(&rules, cgroup2_root()).unwrap();
+        assert_eq!(c.match_process(me), Some(2));
+        let rules = vec![CohortRule {
+            env: Some("BAKEOFF_SURELY_UNSET_VARIABLE=1".into()),
+            ..rule("a")
+        }];
+        let c = Cohorts::new(&rules, cgroup2_root()).unwrap();
+        assert_eq!(c.match_process(me), None);
+    }
+}

@@ -1,0 +1,305 @@
+//! Probe configuration: a YAML file, overridden by flags and `BAKEOFF_*` environment variables
+//! (the CLI in `main.rs` merges them).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why a configuration was refused. Messages name the file, the line where the YAML parser knows
+/// it, and the entry.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+/// One selector set: a process joins the cohort when every given selector matches.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CohortRule {
+    /// Cohort name, e.g. `baseline` or `canary`. Several rules may share a name (any matches).
+    pub name: String,
+    /// cgroup v2 directory (glob allowed), absolute or relative to the cgroup v2 mount.
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    /// A process id (its children follow it).
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// Executable path glob, matched against `/proc/<pid>/exe`.
+    #[serde(default)]
+    pub exe: Option<String>,
+    /// `NAME=VALUE` (or just `NAME`) in the process environment.
+    #[serde(default)]
+    pub env: Option<String>,
+}
+
+impl CohortRule {
+    /// A rule made only of a cgroup selector is enforced in the kernel by cgroup id; any other
+    /// rule needs user space to look at the process.
+    pub fn is_cgroup_only(&self) -> bool {
+        self.cgroup.is_some() && self.pid.is_none() && self.exe.is_none() && self.env.is_none()
+    }
+
+    /// Parses the CLI form `NAME=KIND:VALUE[,KIND:VALUE...]`, e.g.
+    /// `canary=env:BAKEOFF_COHORT=canary` or `baseline=cgroup:/sys/fs/cgroup/unified/b`.
+    pub fn parse_flag(flag: &str) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            origin: format!("--cohort {flag}"),
+            message,
+        };
+        let (name, selectors) = flag
+            .split_once('=')
+            .ok_or_else(|| invalid("expected NAME=KIND:VALUE".into()))?;
+        let mut rule = CohortRule {
+            name: name.to_string(),
+            ..Self::default()
+        };
+        for selector in selectors.split(',') {
+            let (kind, value) = selector
+                .split_once(':')
+                .ok_or_else(|| invalid(format!("selector `{selector}` is not KIND:VALUE")))?;
+            match kind {
+                "cgroup" => rule.cgroup = Some(value.to_string()),
+                "exe" => rule.exe = Some(value.to_string()),
+                "env" => rule.env = Some(value.to_string()),
+                "pid" => {
+                    rule.pid = Some(
+                        value
+                            .parse()
+                            .map_err(|_| invalid(format!("pid `{value}` is not a number")))?,
+                    )
+                }
+                other => {
+                    return Err(invalid(format!(
+                        "unknown selector kind `{other}` (expected cgroup, pid, exe or env)"
+                    )));
+                }
+            }
+        }
+        Ok(rule)
+    }
+}
+
+/// Where request events go.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// `-` for stdout, otherwise a file path (appended to).
+    #[serde(default = "default_output")]
+    pub path: String,
+}
+
+fn default_output() -> String {
+    "-".into()
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            path: default_output(),
+        }
+    }
+}
+
+/// The whole probe configuration.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Experiment name carried by every event.
+    #[serde(default = "default_experiment")]
+    pub experiment: String,
+    /// Node name carried by every event; defaults to the host name.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Payload bytes captured per syscall (at most 4096). Headers longer than this are not
+    /// parsed; byte counts stay exact whatever it is.
+    #[serde(default = "default_prefix")]
+    pub payload_prefix: u32,
+    /// Kernel-to-probe ring buffer size in bytes (a power of two, at least one page).
+    #[serde(default = "default_ring")]
+    pub ring_buffer_bytes: u32,
+    /// Attach the socket and data hooks only while some cohort has a member.
+    #[serde(default = "default_true")]
+    pub on_demand_hooks: bool,
+    #[serde(default)]
+    pub cohorts: Vec<CohortRule>,
+    #[serde(default)]
+    pub output: OutputConfig,
+}
+
+fn default_experiment() -> String {
+    "default".into()
+}
+fn default_prefix() -> u32 {
+    probe_common::DEFAULT_PREFIX
+}
+fn default_ring() -> u32 {
+    8 << 20
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            experiment: default_experiment(),
+            node: None,
+            payload_prefix: default_prefix(),
+            ring_buffer_bytes: default_ring(),
+            on_demand_hooks: true,
+            cohorts: Vec::new(),
+            output: OutputConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a YAML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_yaml(&text, path)
+    }
+
+    /// Parses YAML text; `path` only names the origin in errors.
+    pub fn from_yaml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: match e.location() {
+                Some(loc) => format!(
+                    "line {}, column {}: {}",
+                    loc.line(),
+                    loc.column(),
+                    strip_location(&e.to_string())
+                ),
+                None => e.to_string(),
+            },
+        })?;
+        config.validate(&path.display().to_string())?;
+        Ok(config)
+    }
+
+    /// Checks what the types cannot: limits, names, globs.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            message,
+        };
+        if self.payload_prefix as usize > probe_common::MAX_PREFIX {
+            return Err(invalid(format!(
+                "payload_prefix {} is larger than the maximum {}",
+                self.payload_prefix,
+                probe_common::MAX_PREFIX
+            )));
+        }
+        if !self.ring_buffer_bytes.is_power_of_two() || self.ring_buffer_bytes < 4096 {
+            return Err(invalid(format!(
+                "ring_buffer_bytes {} must be a power of two of at least 4096",
+                self.ring_buffer_bytes
+            )));
+        }
+        for (i, rule) in self.cohorts.iter().enumerate() {
+            let at = |m: String| invalid(format!("cohorts[{i}] ({}): {m}", rule.name));
+            if rule.name.is_empty() {
+                return Err(at("name is empty".into()));
+            }
+            if rule.cgroup.is_none()
+                && rule.pid.is_none()
+                && rule.exe.is_none()
+                && rule.env.is_none()
+            {
+                return Err(at("needs at least one of cgroup, pid, exe, env".into()));
+            }
+            for glob in [&rule.cgroup, &rule.exe].into_iter().flatten() {
+                globset::Glob::new(glob).map_err(|e| at(format!("bad glob `{glob}`: {e}")))?;
+            }
+            if let Some(env) = &rule.env
+                && env.split('=').next().is_none_or(str::is_empty)
+            {
+                return Err(at(format!("env `{env}` has no variable name")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// serde_yaml puts " at line L column C" in its message; we print the location first instead.
+fn strip_location(message: &str) -> &str {
+    match message.find(" at line ") {
+        Some(i) => &message[..i],
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_file() {
+        let yaml = "experiment: checkout\npayload_prefix: 512\ncohorts:\n  - name: baseline\n    cgroup: /sys/fs/cgroup/unified/b\n  - name: canary\n    env: BAKEOFF_COHORT=canary\n    exe: /usr/bin/*\n";
+        let c = Config::from_yaml(yaml, Path::new("c.yaml")).unwrap();
+        assert_eq!(c.experiment, "checkout");
+        assert_eq!(c.payload_prefix, 512);
+        assert_eq!(c.cohorts.len(), 2);
+        assert!(c.cohorts[0].is_cgroup_only());
+        assert!(!c.cohorts[1].is_cgroup_only());
+    }
+
+    #[test]
+    fn unknown_field_names_file_and_line() {
+        let yaml = "experiment: x\ncohorts:\n  - name: canary\n    exec: /bin/x\n";
+        let e = Config::from_yaml(yaml, Path::new("probe.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("probe.yaml: line 4, column 5: "), "{e}");
+        assert!(e.contains("unknown field `exec`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_reported_with_line() {
+        let yaml = "payload_prefix: lots\n";
+        let e = Config::from_yaml(yaml, Path::new("p.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("p.yaml: line 1, column 17: "), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_entry() {
+        let yaml = "cohorts:\n  - name: canary\n";
+        let e = Config::from_yaml(yaml, Path::new("p.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "p.yaml: cohorts[0] (canary): needs at least one of cgroup, pid, exe, env"
+        );
+        let yaml = "payload_prefix: 100000\n";
+        let e = Config::from_yaml(yaml, Path::new("p.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("larger than the maximum 4096"), "{e}");
+    }
+
+    #[test]
+    fn cohort_flags() {
+        let r = CohortRule::parse_flag("canary=env:BAKEOFF_COHORT=canary,exe:/usr/sbin/*").unwrap();
+        assert_eq!(r.name, "canary");
+        assert_eq!(r.env.as_deref(), Some("BAKEOFF_COHORT=canary"));
+        assert_eq!(r.exe.as_deref(), Some("/usr/sbin/*"));
+        assert!(CohortRule::parse_flag("canary=pid:abc").is_err());
+        assert!(CohortRule::parse_flag("canary=port:80").is_err());
+        assert!(CohortRule::parse_flag("canary").is_err());
+    }
+}

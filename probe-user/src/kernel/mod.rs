@@ -1,0 +1,415 @@
+//! Loading, attaching and talking to the kernel programs.
+
+pub mod record;
+pub mod tracefs;
+
+use std::{collections::HashMap, io};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{ProgramError, TracePoint, trace_point::TracePointLinkId},
+};
+use probe_common::{SockInfo, SockKey, drop_reason};
+
+/// The compiled kernel programs, built by `build.rs` from `probe-ebpf`.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
+
+/// Hooks that are always attached: cheap (they fire per process start or exit, not per syscall)
+/// and needed to follow cohort membership.
+const SCHED_HOOKS: &[(&str, &str, &str)] = &[
+    ("sched_process_exec", "sched", "sched_process_exec"),
+    ("sched_process_fork", "sched", "sched_process_fork"),
+    ("sched_process_exit", "sched", "sched_process_exit"),
+];
+
+/// Hooks that fire on syscalls of every process on the host: attached only while a cohort has
+/// members (see DESIGN.md's cost model).
+const SOCKET_HOOKS: &[(&str, &str, &str)] = &[
+    ("sys_enter_accept", "syscalls", "sys_enter_accept"),
+    ("sys_enter_accept", "syscalls", "sys_enter_accept4"),
+    ("sys_enter_connect", "syscalls", "sys_enter_connect"),
+    ("sys_exit_socket", "syscalls", "sys_exit_accept"),
+    ("sys_exit_socket", "syscalls", "sys_exit_accept4"),
+    ("sys_exit_socket", "syscalls", "sys_exit_connect"),
+    ("sys_enter_close", "syscalls", "sys_enter_close"),
+    ("sys_enter_read", "syscalls", "sys_enter_read"),
+    ("sys_enter_read", "syscalls", "sys_enter_recvfrom"),
+    ("sys_enter_write", "syscalls", "sys_enter_write"),
+    ("sys_enter_write", "syscalls", "sys_enter_sendto"),
+    ("sys_enter_readv", "syscalls", "sys_enter_readv"),
+    ("sys_enter_writev", "syscalls", "sys_enter_writev"),
+    ("sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
+    ("sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
+    ("sys_enter_sendfile64", "syscalls", "sys_enter_sendfile64"),
+    ("sys_exit_data", "syscalls", "sys_exit_read"),
+    ("sys_exit_data", "syscalls", "sys_exit_recvfrom"),
+    ("sys_exit_data", "syscalls", "sys_exit_write"),
+    ("sys_exit_data", "syscalls", "sys_exit_sendto"),
+    ("sys_exit_data", "syscalls", "sys_exit_readv"),
+    ("sys_exit_data", "syscalls", "sys_exit_writev"),
+    ("sys_exit_data", "syscalls", "sys_exit_recvmsg"),
+    ("sys_exit_data", "syscalls", "sys_exit_sendmsg"),
+    ("sys_exit_data", "syscalls", "sys_exit_sendfile64"),
+];
+
+/// Lines of the verifier log shown when a program is rejected.
+const VERIFIER_TAIL: usize = 25;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "missing privileges: loading eBPF programs needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN); \
+         run bakeoff-probe as root or grant those capabilities ({detail})"
+    )]
+    Privileges { detail: String },
+    #[error(
+        "tracefs is not available at /sys/kernel/tracing and could not be mounted ({0}); \
+         mount it with `mount -t tracefs nodev /sys/kernel/tracing`"
+    )]
+    Tracefs(String),
+    #[error(
+        "the kernel verifier rejected program `{program}` ({errno}); last lines of its log:\n{log_tail}"
+    )]
+    Verifier {
+        program: String,
+        errno: io::Error,
+        log_tail: String,
+    },
+    #[error("cannot attach `{program}` to tracepoint {category}/{name}: {source}")]
+    Attach {
+        program: String,
+        category: String,
+        name: String,
+        source: ProgramError,
+    },
+    #[error("cannot load the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program or map `{0}` is missing from the eBPF object")]
+    Missing(&'static str),
+    #[error("cannot load program `{program}`: {source}")]
+    Program {
+        program: String,
+        source: ProgramError,
+    },
+    #[error("map operation on `{map}` failed: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+}
+
+/// Loaded programs and the handles user space needs.
+pub struct Kernel {
+    ebpf: Ebpf,
+    tgids: BpfHashMap<MapData, u32, u32>,
+    cgroups: BpfHashMap<MapData, u64, u32>,
+    sockets: BpfHashMap<MapData, SockKey, SockInfo>,
+    drops: PerCpuArray<MapData, u64>,
+    data_links: Vec<(String, TracePointLinkId)>,
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
+    move |source| KernelError::Map { map, source }
+}
+
+impl Kernel {
+    /// Loads every program (so a verifier rejection shows at start) and attaches the scheduler
+    /// hooks. `prefix` is the payload prefix; `ring_bytes` the ring buffer size.
+    pub fn load(prefix: u32, ring_bytes: u32) -> Result<Self, KernelError> {
+        check_privileges()?;
+        tracefs::ensure_mounted().map_err(KernelError::Tracefs)?;
+        raise_memlock();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("PREFIX_LEN", &prefix, true)
+            .map_max_entries("EVENTS", ring_bytes)
+            .load(PROGRAMS)
+            .map_err(|e| match &e {
+                aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                    if io_error.kind() == io::ErrorKind::PermissionDenied =>
+                {
+                    KernelError::Privileges {
+                        detail: e.to_string(),
+                    }
+                }
+                _ => KernelError::Load(e),
+            })?;
+        let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
+        for name in names {
+            let prog: &mut TracePoint = ebpf
+                .program_mut(&name)
+                .ok_or(KernelError::Missing("program"))?
+                .try_into()
+                .map_err(|source| KernelError::Program {
+                    program: name.clone(),
+                    source,
+                })?;
+            prog.load().map_err(|source| load_error(&name, source))?;
+        }
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(KernelError::Missing(name))
+        };
+        let tgids = BpfHashMap::try_from(take(&mut ebpf, "COHORT_TGIDS")?)
+            .map_err(map_err("COHORT_TGIDS"))?;
+        let cgroups = BpfHashMap::try_from(take(&mut ebpf, "COHORT_CGROUPS")?)
+            .map_err(map_err("COHORT_CGROUPS"))?;
+        let sockets =
+            BpfHashMap::try_from(take(&mut ebpf, "SOCKETS")?).map_err(map_err("SOCKETS"))?;
+        let drops = PerCpuArray::try_from(take(&mut ebpf, "DROPS")?).map_err(map_err("DROPS"))?;
+        let mut kernel = Self {
+            ebpf,
+            tgids,
+            cgroups,
+            sockets,
+            drops,
+            data_links: Vec::new(),
+        };
+        for hook in SCHED_HOOKS {
+            kernel.attach(hook)?;
+        }
+        Ok(kernel)
+    }
+
+    /// The ring buffer the programs write events to. Call once.
+    pub fn ring(&mut self) -> Result<RingBuf<MapData>, KernelError> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(KernelError::Missing("EVENTS"))?;
+        RingBuf::try_from(map).map_err(map_err("EVENTS"))
+    }
+
+    fn attach(
+        &mut self,
+        &(program, category, name): &(&str, &str, &str),
+    ) -> Result<TracePointLinkId, KernelError> {
+        let attach_err = |source| KernelError::Attach {
+            program: program.to_string(),
+            category: category.to_string(),
+            name: name.to_string(),
+            source,
+        };
+        let prog: &mut TracePoint = self
+            .ebpf
+            .program_mut(program)
+            .ok_or(KernelError::Missing("program"))?
+            .try_into()
+            .map_err(attach_err)?;
+        prog.attach(category, name).map_err(attach_err)
+    }
+
+    /// Whether the per-syscall hooks are attached.
+    pub fn data_hooks_attached(&self) -> bool {
+        !self.data_links.is_empty()
+    }
+
+    /// Attaches the socket and data hooks (idempotent).
+    pub fn attach_data_hooks(&mut self) -> Result<(), KernelError> {
+        if self.data_hooks_attached() {
+            return Ok(());
+        }
+        for hook in SOCKET_HOOKS {
+            match self.attach(hook) {
+                Ok(link) => self.data_links.push((hook.0.to_string(), link)),
+                Err(e) => {
+                    self.detach_data_hooks();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches the socket and data hooks: the host stops paying for them.
+    pub fn detach_data_hooks(&mut self) {
+        for (program, link) in self.data_links.drain(..) {
+            if let Some(prog) = self.ebpf.program_mut(&program) {
+                let prog: Result<&mut TracePoint, _> = prog.try_into();
+                if let Ok(prog) = prog
+                    && let Err(e) = prog.detach(link)
+                {
+                    tracing::warn!(program, error = %e, "detach failed");
+                }
+            }
+        }
+    }
+
+    pub fn set_tgid(&mut self, tgid: u32, cohort: u32) -> Result<(), KernelError> {
+        self.tgids
+            .insert(tgid, cohort, 0)
+            .map_err(map_err("COHORT_TGIDS"))
+    }
+
+    pub fn remove_tgid(&mut self, tgid: u32) {
+        let _ = self.tgids.remove(&tgid);
+    }
+
+    /// Number of processes in cohorts by tgid.
+    pub fn tgid_count(&self) -> usize {
+        self.tgids.keys().count()
+    }
+
+    /// Replaces the cgroup-id cohort map with `ids`.
+    pub fn set_cgroups(&mut self, ids: &[(u64, u32)]) -> Result<(), KernelError> {
+        let stale: Vec<u64> = self
+            .cgroups
+            .keys()
+            .flatten()
+            .filter(|k| !ids.iter().any(|(id, _)| id == k))
+            .collect();
+        for k in stale {
+            let _ = self.cgroups.remove(&k);
+        }
+        for &(id, cohort) in ids {
+            self.cgroups
+                .insert(id, cohort, 0)
+                .map_err(map_err("COHORT_CGROUPS"))?;
+        }
+        Ok(())
+    }
+
+    /// Tracks a connection found at start, as if the kernel had seen it accepted.
+    pub fn track_socket(&mut self, key: SockKey, info: SockInfo) -> Result<(), KernelError> {
+        self.sockets
+            .insert(key, info, 0)
+            .map_err(map_err("SOCKETS"))
+    }
+
+    /// Forgets every tracked socket of a process (it exited).
+    pub fn untrack_process(&mut self, tgid: u32) {
+        let keys: Vec<SockKey> = self
+            .sockets
+            .keys()
+            .flatten()
+            .filter(|k| k.tgid == tgid)
+            .collect();
+        for k in keys {
+            let _ = self.sockets.remove(&k);
+        }
+    }
+
+    /// Kernel-side drops summed over CPUs, indexed by `probe_common::drop_reason`.
+    pub fn drops(&self) -> [u64; drop_reason::COUNT as usize] {
+        let mut out = [0u64; drop_reason::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = self.drops.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        out
+    }
+
+    /// Per-program run time and count (needs `kernel.bpf_stats_enabled=1`), for the benchmark.
+    pub fn program_stats(&self) -> HashMap<String, (u64, u64)> {
+        let mut out = HashMap::new();
+        for (name, prog) in self.ebpf.programs() {
+            if let Ok(info) = prog.info() {
+                out.insert(
+                    name.to_string(),
+                    (info.run_time().as_nanos() as u64, info.run_count()),
+                );
+            }
+        }
+        out
+    }
+}
+
+/// Turns a load failure into a clear error: privileges, or the verifier's own words.
+fn load_error(program: &str, source: ProgramError) -> KernelError {
+    match source {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            if io_error.kind() == io::ErrorKind::PermissionDenied
+                && verifier_log.to_string().trim().is_empty()
+            {
+                return KernelError::Privileges {
+                    detail: format!("loading `{program}`: {io_error}"),
+                };
+            }
+            KernelError::Verifier {
+                program: program.to_string(),
+                errno: io_error,
+                log_tail: log_tail(&verifier_log.to_string(), VERIFIER_TAIL),
+            }
+        }
+        source => KernelError::Program {
+            program: program.to_string(),
+            source,
+        },
+    }
+}
+
+/// The last `n` non-empty lines of a verifier log.
+pub fn log_tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Capabilities in the effective set, from `/proc/self/status`.
+fn effective_caps() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+fn check_privileges() -> Result<(), KernelError> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let Some(caps) = effective_caps() else {
+        return Ok(()); // unknown: let the kernel decide
+    };
+    let has = |c: u32| caps & (1 << c) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(c, _)| !has(*c))
+        .map(|(_, n)| n)
+        .collect();
+    Err(KernelError::Privileges {
+        detail: format!("this process lacks {}", missing.join(" and ")),
+    })
+}
+
+/// Older kernels charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifier_error_shows_the_log_tail() {
+        let log = (1..=40)
+            .map(|i| format!("line {i}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let err = load_error(
+            "sys_exit_data",
+            ProgramError::LoadError {
+                io_error: io::Error::from_raw_os_error(libc::EACCES),
+                verifier_log: aya::programs::VerifierLog::new(log + "\n\n"),
+            },
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with("the kernel verifier rejected program `sys_exit_data`"),
+            "{text}"
+        );
+        assert!(text.ends_with("line 16\nline 17\nline 18\nline 19\nline 20\nline 21\nline 22\nline 23\nline 24\nline 25\nline 26\nline 27\nline 28\nline 29\nline 30\nline 31\nline 32\nline 33\nline 34\nline 35\nline 36\nline 37\nline 38\nline 39\nline 40"), "{text}");
+        assert!(!text.contains("line 15\n"));
+    }
+}

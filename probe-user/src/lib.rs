@@ -1,0 +1,15 @@
+//! bakeoff-probe: the node agent. Data moves one way through these modules:
+//! `kernel` (load, attach, ring buffer) -> `conn` (per-connection state) -> `protocol` (framing,
+//! pairing) -> `event` (request events) -> `output`.
+//! `cohort` decides which processes are watched; `config` reads the rules.
+
+pub mod clock;
+pub mod cohort;
+pub mod config;
+pub mod conn;
+pub mod event;
+pub mod kernel;
+pub mod output;
+pub mod pipeline;
+pub mod protocol;
+pub mod summary;

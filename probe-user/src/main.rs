@@ -1,0 +1,278 @@
+//! `bakeoff-probe`: watches the sockets of cohort processes from the kernel and prints one event
+//! per HTTP/1.x request.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use bakeoff_probe::{
+    cohort::{CgroupMatch, Cohorts, cgroup2_root},
+    config::{CohortRule, Config},
+    kernel::Kernel,
+    output::JsonLines,
+    pipeline::Pipeline,
+    summary::Summary,
+};
+use clap::Parser;
+use tokio::io::unix::AsyncFd;
+
+/// Watch baseline and canary processes and print one JSON event per request.
+#[derive(Debug, Parser)]
+#[command(name = "bakeoff-probe", version)]
+struct Cli {
+    /// YAML configuration file.
+    #[arg(short, long, env = "BAKEOFF_CONFIG")]
+    config: Option<PathBuf>,
+    /// Cohort rule NAME=KIND:VALUE[,KIND:VALUE...], KIND one of cgroup, pid, exe, env
+    /// (e.g. `canary=env:BAKEOFF_COHORT=canary`). Repeatable; added to the file's rules.
+    #[arg(long = "cohort", value_name = "RULE")]
+    cohorts: Vec<String>,
+    /// Experiment name carried by every event.
+    #[arg(long, env = "BAKEOFF_EXPERIMENT")]
+    experiment: Option<String>,
+    /// Node name carried by every event (default: host name).
+    #[arg(long, env = "BAKEOFF_NODE")]
+    node: Option<String>,
+    /// Payload bytes captured per syscall (at most 4096).
+    #[arg(long, env = "BAKEOFF_PAYLOAD_PREFIX")]
+    payload_prefix: Option<u32>,
+    /// Ring buffer size in bytes (power of two).
+    #[arg(long, env = "BAKEOFF_RING_BUFFER_BYTES")]
+    ring_buffer_bytes: Option<u32>,
+    /// Keep the per-syscall hooks attached even while no cohort has a member.
+    #[arg(long)]
+    always_attach: bool,
+    /// Where events go: `-` (stdout) or a file.
+    #[arg(short, long, env = "BAKEOFF_OUTPUT")]
+    output: Option<String>,
+    /// Create this file once the probe is watching (hooks attached, connections seeded).
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Print a per-cohort summary table to stderr at exit.
+    #[arg(long)]
+    summary: bool,
+    /// Write the probe's counters (events, drops by reason) as JSON to this file at exit.
+    #[arg(long)]
+    stats_file: Option<PathBuf>,
+}
+
+impl Cli {
+    /// File, then environment and flags on top.
+    fn config(&self) -> Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        for flag in &self.cohorts {
+            config.cohorts.push(CohortRule::parse_flag(flag)?);
+        }
+        if let Some(v) = &self.experiment {
+            config.experiment = v.clone();
+        }
+        if let Some(v) = &self.node {
+            config.node = Some(v.clone());
+        }
+        if let Some(v) = self.payload_prefix {
+            config.payload_prefix = v;
+        }
+        if let Some(v) = self.ring_buffer_bytes {
+            config.ring_buffer_bytes = v;
+        }
+        if self.always_attach {
+            config.on_demand_hooks = false;
+        }
+        if let Some(v) = &self.output {
+            config.output.path = v.clone();
+        }
+        config.validate("command line")?;
+        if config.cohorts.is_empty() {
+            bail!("no cohort rules: give --cohort NAME=KIND:VALUE or a config file with `cohorts`");
+        }
+        Ok(config)
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BAKEOFF_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("bakeoff-probe: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let config = cli.config()?;
+    let cohorts = Cohorts::new(&config.cohorts, cgroup2_root())?;
+    let mut kernel = Kernel::load(config.payload_prefix, config.ring_buffer_bytes)?;
+    let ring = kernel.ring()?;
+    let node = config.node.clone().unwrap_or_else(hostname);
+    let mut pipeline = Pipeline::new(cohorts, config.experiment.clone(), node);
+    let mut out = JsonLines::open(&config.output.path)
+        .with_context(|| format!("cannot open output {}", config.output.path))?;
+
+    let mut cgroups = pipeline.cohorts().cgroups();
+    kernel.set_cgroups(&ids(&cgroups))?;
+    pipeline.scan(&mut kernel, &cgroups);
+    let mut hooks = HookControl::new(!config.on_demand_hooks);
+    hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
+    tracing::info!(
+        cohorts = ?pipeline.cohorts().names(),
+        processes = pipeline.process_count(),
+        cgroups = cgroups.len(),
+        data_hooks = kernel.data_hooks_attached(),
+        prefix = config.payload_prefix,
+        "probe ready"
+    );
+    if let Some(path) = &cli.ready_file {
+        std::fs::write(path, b"ready\n")
+            .with_context(|| format!("cannot write ready file {}", path.display()))?;
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let mut summary = Summary::default();
+    runtime.block_on(async {
+        // SAFETY: the ring buffer owns its fd and keeps it open until the AsyncFd is dropped.
+        let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot handle SIGTERM")?;
+        let deadline = cli.duration.map(Duration::from_secs_f64);
+        let stop = async {
+            match deadline {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(stop);
+        let mut events = Vec::new();
+        let mut last_drops = [0u64; probe_common::drop_reason::COUNT as usize];
+        loop {
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard.context("ring buffer poll failed")?;
+                    drain(guard.get_inner_mut(), &mut pipeline, &mut kernel, &mut events);
+                    guard.clear_ready();
+                    write_events(&mut out, &mut events, &mut summary)?;
+                    hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
+                }
+                _ = tick.tick() => {
+                    // New cgroups (pods started since) join their cohort.
+                    let now = pipeline.cohorts().cgroups();
+                    if now != cgroups {
+                        kernel.set_cgroups(&ids(&now))?;
+                        cgroups = now;
+                        hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
+                    }
+                    let drops = kernel.drops();
+                    if drops != last_drops {
+                        tracing::warn!(?drops, "kernel-side drops (ringbuf_full, sockets_full, calls_full, read_user)");
+                        last_drops = drops;
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = &mut stop => break,
+            }
+        }
+        drain(ring.get_mut(), &mut pipeline, &mut kernel, &mut events);
+        write_events(&mut out, &mut events, &mut summary)?;
+        anyhow::Ok(())
+    })?;
+    out.flush().context("cannot flush events")?;
+
+    let stats = serde_json::json!({
+        "pipeline": pipeline.stats,
+        "connections": pipeline.conn_stats(),
+        "in_flight_at_exit": pipeline.in_flight(),
+        "kernel_drops": {
+            "ringbuf_full": kernel.drops()[0],
+            "sockets_full": kernel.drops()[1],
+            "calls_full": kernel.drops()[2],
+            "read_user": kernel.drops()[3],
+        },
+    });
+    tracing::info!(%stats, "probe stopped");
+    if let Some(path) = &cli.stats_file {
+        std::fs::write(path, serde_json::to_vec_pretty(&stats)?)
+            .with_context(|| format!("cannot write stats file {}", path.display()))?;
+    }
+    if cli.summary {
+        eprint!("{}", summary.table());
+    }
+    Ok(())
+}
+
+fn ids(cgroups: &[CgroupMatch]) -> Vec<(u64, u32)> {
+    cgroups.iter().map(|g| (g.id, g.cohort)).collect()
+}
+
+/// Reads every record waiting in the ring buffer.
+fn drain(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    pipeline: &mut Pipeline,
+    kernel: &mut Kernel,
+    events: &mut Vec<bakeoff_probe::event::RequestEvent>,
+) {
+    while let Some(item) = ring.next() {
+        pipeline.handle(&item, kernel, events);
+    }
+}
+
+fn write_events(
+    out: &mut JsonLines,
+    events: &mut Vec<bakeoff_probe::event::RequestEvent>,
+    summary: &mut Summary,
+) -> Result<()> {
+    for e in events.drain(..) {
+        summary.add(&e);
+        out.write(&e).context("cannot write event")?;
+    }
+    out.flush().context("cannot flush events")
+}
+
+/// Attaches the per-syscall hooks while some cohort has a member, detaches them otherwise.
+struct HookControl {
+    always: bool,
+}
+
+impl HookControl {
+    fn new(always: bool) -> Self {
+        Self { always }
+    }
+
+    fn update(
+        &mut self,
+        kernel: &mut Kernel,
+        pipeline: &mut Pipeline,
+        cgroups: bool,
+    ) -> Result<()> {
+        let wanted = self.always || cgroups || pipeline.process_count() > 0;
+        if wanted && !kernel.data_hooks_attached() {
+            kernel.attach_data_hooks()?;
+            pipeline.seed_all(kernel);
+            tracing::info!(processes = pipeline.process_count(), "data hooks attached");
+        } else if !wanted && kernel.data_hooks_attached() {
+            kernel.detach_data_hooks();
+            tracing::info!("no cohort members: data hooks detached");
+        }
+        Ok(())
+    }
+}
