@@ -20,6 +20,11 @@ pub const ARG0: usize = 16;
 pub const ARG1: usize = 24;
 pub const ARG2: usize = 32;
 pub const RET: usize = 16;
+/// `__syscall_nr` in every `syscalls/*` record.
+const SYSCALL_NR: usize = 8;
+/// x86_64 syscall numbers of accept and accept4.
+const NR_ACCEPT: i32 = 43;
+const NR_ACCEPT4: i32 = 288;
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -67,13 +72,32 @@ pub fn enter_connect(ctx: &TracePointContext) {
 /// Exit of accept, accept4 and connect: on success, track the socket and tell user space.
 pub fn exit_accept_or_connect(ctx: &TracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: copied out before the entry is removed.
-    let Some(args) = (unsafe { CALLS.get(pid_tgid) }).copied() else {
-        return;
-    };
-    let _ = CALLS.remove(pid_tgid);
     let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
         return;
+    };
+    // SAFETY: copied out before the entry is removed.
+    let args = match (unsafe { CALLS.get(pid_tgid) }).copied() {
+        Some(args) => {
+            let _ = CALLS.remove(pid_tgid);
+            args
+        }
+        // An accept that was already blocking when the hooks were attached: its enter was
+        // missed, but the new fd is in the return value. The peer address is left to user space.
+        None => match unsafe { ctx.read_at::<i32>(SYSCALL_NR) } {
+            Ok(NR_ACCEPT | NR_ACCEPT4) if ret >= 0 => {
+                let cohort = current_cohort((pid_tgid >> 32) as u32);
+                if cohort == COHORT_NONE {
+                    return;
+                }
+                CallArgs {
+                    cohort,
+                    role: conn_role::SERVER,
+                    syscall: syscall::ACCEPT,
+                    ..CallArgs::default()
+                }
+            }
+            _ => return,
+        },
     };
     let fd = match args.syscall {
         syscall::ACCEPT if ret >= 0 => ret as u32,

@@ -101,8 +101,10 @@ fn hostname() -> String {
 }
 
 fn main() {
+    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BAKEOFF_LOG")
                 .unwrap_or_else(|_| "info".into()),

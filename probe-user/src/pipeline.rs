@@ -143,6 +143,13 @@ impl Pipeline {
             exe = self.procs.get(&tgid).map(|p| p.exe.as_str()),
             "watching process"
         );
+        // Children forked before the exec event reached us (a server's workers, often) did not
+        // inherit the cohort in the kernel: adopt them too.
+        for child in proc::children_of(tgid) {
+            if !self.procs.contains_key(&child) {
+                self.adopt(child, cohort, m);
+            }
+        }
     }
 
     /// Tracks connections that existed before the probe saw the process.
@@ -203,6 +210,12 @@ impl Pipeline {
                         .get(&e.header.tgid)
                         .map(|p| p.exe.clone())
                         .unwrap_or_default();
+                    tracing::info!(
+                        pid = e.pid,
+                        parent = e.header.tgid,
+                        cohort = self.cohorts.name(e.cohort),
+                        "watching forked process"
+                    );
                     self.procs.insert(
                         e.pid,
                         Process {
@@ -228,14 +241,10 @@ impl Pipeline {
                 } else {
                     Role::Client
                 };
-                unanswered = self.table.open(
-                    (tgid, e.fd),
-                    role,
-                    e.cohort,
-                    record::peer(&e),
-                    false,
-                    &mut done,
-                );
+                let peer = record::peer(&e).or_else(|| proc::peer_of(tgid, e.fd));
+                unanswered = self
+                    .table
+                    .open((tgid, e.fd), role, e.cohort, peer, false, &mut done);
             }
             record::Record::Close(e) => {
                 unanswered = self.table.close((e.header.tgid, e.fd), &mut done);

@@ -1,1 +1,7 @@
+//! Test kit shared by the integration tests, the demo and the benchmarks: a blocking HTTP/1.1
+//! client that counts exact bytes, cgroup v2 helpers, and process helpers for the probe and
+//! servers. Everything talks to loopback only and every loop is bounded.
 
+pub mod cgroup;
+pub mod client;
+pub mod process;

@@ -72,6 +72,25 @@ pub fn tgid_of(pid: u32) -> Option<u32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Child processes of a process (from every thread's `children` list).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<u32> = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// All process ids currently in `/proc`.
 pub fn all_pids() -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -151,6 +170,25 @@ pub fn established_sockets(pid: u32) -> Vec<SeedSocket> {
         }
     }
     out
+}
+
+/// Peer address of one socket fd of a process (for accepts whose address the kernel program
+/// did not see).
+pub fn peer_of(pid: u32, fd: u32) -> Option<SocketAddr> {
+    let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+    let target = target.to_string_lossy();
+    let inode: u64 = target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()?;
+    ["tcp", "tcp6"].iter().find_map(|file| {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).ok()?;
+        parse_proc_net_tcp(&text)
+            .into_iter()
+            .find(|(i, _)| *i == inode)
+            .map(|(_, e)| e.remote)
+    })
 }
 
 /// Parses `/proc/net/tcp` or `tcp6` into inode -> entry.

@@ -86,6 +86,8 @@ pub struct ConnStats {
     pub desync_chunk_truncated: u64,
     pub desync_events_lost: u64,
     pub unmatched_responses: u64,
+    /// Messages whose body framing fell into uncaptured bytes; their end came from turn-taking.
+    pub messages_ended_at_turn: u64,
     pub unanswered_requests: u64,
     pub data_on_unknown_socket: u64,
 }
@@ -192,7 +194,7 @@ impl ConnTable {
         }
         let mut exchanges = Vec::new();
         match side {
-            Side::Request => http.on_request_bytes(ts, data, len, &mut anomalies),
+            Side::Request => http.on_request_bytes(ts, data, len, &mut exchanges, &mut anomalies),
             Side::Response => http.on_response_bytes(ts, data, len, &mut exchanges, &mut anomalies),
         }
         for exchange in exchanges {
@@ -224,6 +226,7 @@ impl ConnTable {
                     } += 1;
                 }
                 Anomaly::UnmatchedResponse => self.stats.unmatched_responses += 1,
+                Anomaly::EndedAtTurn(_) => self.stats.messages_ended_at_turn += 1,
             }
         }
     }

@@ -31,6 +31,8 @@ pub enum Anomaly {
     },
     /// A response arrived with no request waiting for it (e.g. a connection seen mid-way).
     UnmatchedResponse,
+    /// A message's body framing was lost; its end was taken from request/response turn-taking.
+    EndedAtTurn(DesyncReason),
 }
 
 #[derive(Debug)]
@@ -78,9 +80,14 @@ impl Http1Exchange {
         ts: u64,
         data: &[u8],
         len: u64,
+        done: &mut Vec<Exchange>,
         anomalies: &mut Vec<Anomaly>,
     ) {
         let mut out = Vec::new();
+        // A response whose framing was lost ends when the next request begins.
+        let mut ended = Vec::new();
+        self.responses.end_turn(&mut ended);
+        self.on_response_outputs(ended, done, anomalies);
         self.requests
             .feed(ts, data, len, &mut RequestContext::default, &mut out);
         for o in out {
@@ -97,6 +104,7 @@ impl Http1Exchange {
                     }
                 }
                 Output::Desync(reason) => self.desync(Side::Request, reason, anomalies),
+                Output::EndsAtTurn(reason) => anomalies.push(Anomaly::EndedAtTurn(reason)),
             }
         }
     }
@@ -111,12 +119,29 @@ impl Http1Exchange {
         anomalies: &mut Vec<Anomaly>,
     ) {
         let mut out = Vec::new();
+        // A request whose framing was lost ends when the response begins.
+        let mut ended = Vec::new();
+        self.requests.end_turn(&mut ended);
+        for o in ended {
+            if let (Output::End { bytes, .. }, Some(p)) = (o, self.pending.back_mut()) {
+                p.request_bytes = bytes;
+            }
+        }
         let front = self.pending.iter().find(|p| p.response.is_none());
         let ctx = front.map_or(RequestContext::default(), |p| RequestContext {
             head: p.head.method == "HEAD",
             connect: p.head.method == "CONNECT",
         });
         self.responses.feed(ts, data, len, &mut || ctx, &mut out);
+        self.on_response_outputs(out, done, anomalies);
+    }
+
+    fn on_response_outputs(
+        &mut self,
+        out: Vec<Output>,
+        done: &mut Vec<Exchange>,
+        anomalies: &mut Vec<Anomaly>,
+    ) {
         for o in out {
             match o {
                 Output::Head { head, .. } => match self.pending.front_mut() {
@@ -142,6 +167,7 @@ impl Http1Exchange {
                     }
                 }
                 Output::Desync(reason) => self.desync(Side::Response, reason, anomalies),
+                Output::EndsAtTurn(reason) => anomalies.push(Anomaly::EndedAtTurn(reason)),
             }
         }
     }
@@ -174,20 +200,7 @@ impl Http1Exchange {
     pub fn close(&mut self, done: &mut Vec<Exchange>) -> Vec<(Head, u64)> {
         let mut out = Vec::new();
         if self.responses.close(&mut out) {
-            for o in out {
-                if let Output::End { end_ts, bytes } = o
-                    && let Some(p) = self.pending.pop_front()
-                {
-                    done.push(Exchange {
-                        request: p.head,
-                        response: p.response.unwrap_or_default(),
-                        start_ts: p.start_ts,
-                        end_ts,
-                        request_bytes: p.request_bytes,
-                        response_bytes: bytes,
-                    });
-                }
-            }
+            self.on_response_outputs(out, done, &mut Vec::new());
         }
         self.pending
             .drain(..)

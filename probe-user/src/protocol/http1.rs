@@ -48,6 +48,9 @@ pub enum Output {
     End { end_ts: u64, bytes: u64 },
     /// Framing was lost; the reason says where. Bytes up to the next segment are discarded.
     Desync(DesyncReason),
+    /// Body framing was lost, but the message is kept: it ends when the other side speaks
+    /// (request/response turn-taking) or the connection closes.
+    EndsAtTurn(DesyncReason),
 }
 
 /// Why framing was lost (each is counted by the probe).
@@ -80,6 +83,8 @@ enum Body {
     Chunked(Chunk),
     /// Response delimited by connection close.
     UntilClose,
+    /// Framing lost mid-body: ends when the other side speaks, or at close.
+    UntilTurn,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -221,15 +226,15 @@ impl MessageParser {
                         break;
                     }
                 }
-                if left > 0 && self.state != State::Upgraded {
-                    // Bytes of a next message, or a size line, were not captured.
-                    let reason = if self.state == State::Idle {
-                        DesyncReason::HeadTruncated
-                    } else {
-                        DesyncReason::ChunkTruncated
-                    };
+                if left > 0 && self.state == State::Idle {
+                    // The head of a next message was not captured.
                     self.state = State::Lost;
-                    out.push(Output::Desync(reason));
+                    out.push(Output::Desync(DesyncReason::HeadTruncated));
+                } else if left > 0 && matches!(self.state, State::Body(_)) {
+                    // A chunk-size line was not captured: keep counting until the turn ends.
+                    self.bytes += left;
+                    self.state = State::Body(Body::UntilTurn);
+                    out.push(Output::EndsAtTurn(DesyncReason::ChunkTruncated));
                 }
             }
         }
@@ -241,7 +246,7 @@ impl MessageParser {
             return n;
         };
         match body {
-            Body::UntilClose => {
+            Body::UntilClose | Body::UntilTurn => {
                 self.bytes += n;
                 self.last_ts = ts;
                 0
@@ -391,7 +396,7 @@ impl MessageParser {
         };
         self.last_ts = ts;
         match body {
-            Body::UntilClose => {
+            Body::UntilClose | Body::UntilTurn => {
                 self.bytes += data.len() as u64;
                 data.len()
             }
@@ -444,10 +449,21 @@ impl MessageParser {
         self.buf.clear();
     }
 
+    /// The other side started speaking: a message whose framing was lost ends here.
+    pub fn end_turn(&mut self, out: &mut Vec<Output>) {
+        if self.state == State::Body(Body::UntilTurn) {
+            let ts = self.last_ts;
+            self.finish(ts, out);
+        }
+    }
+
     /// The connection closed: a close-delimited response ends here. Returns whether a message
     /// was finished.
     pub fn close(&mut self, out: &mut Vec<Output>) -> bool {
-        if self.state == State::Body(Body::UntilClose) {
+        if matches!(
+            self.state,
+            State::Body(Body::UntilClose) | State::Body(Body::UntilTurn)
+        ) {
             let ts = self.last_ts;
             self.finish(ts, out);
             return true;

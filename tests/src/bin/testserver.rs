@@ -1,0 +1,179 @@
+//! bakeoff-testserver: a small HTTP/1.1 server with injectable latency and errors, used by the
+//! tests, the demo and the benchmarks. Thread per connection; keep-alive and pipelining.
+//!
+//! Routes: `/bytes/N` (N-byte body, Content-Length), `/chunked/N/C` (N bytes in C-byte chunks),
+//! `/status/CODE`, `POST /echo` (reads a Content-Length or chunked body, answers its size),
+//! anything else `ok`.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser;
+
+#[derive(Debug, Parser, Clone)]
+struct Args {
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Delay added to every response, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// Extra delay for requests whose path starts with `--slow-path`.
+    #[arg(long, default_value_t = 0)]
+    slow_ms: u64,
+    #[arg(long)]
+    slow_path: Option<String>,
+    /// Only slow down requests carrying this `user-agent` substring (with --slow-path).
+    #[arg(long)]
+    slow_agent: Option<String>,
+    /// Answer every Nth request with 500 (0: never).
+    #[arg(long, default_value_t = 0)]
+    error_every: u64,
+}
+
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let listener = TcpListener::bind(("127.0.0.1", args.port))
+        .with_context(|| format!("cannot listen on 127.0.0.1:{}", args.port))?;
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let args = args.clone();
+        std::thread::spawn(move || {
+            let _ = serve(stream, &args);
+        });
+    }
+    Ok(())
+}
+
+fn serve(stream: TcpStream, args: &Args) -> Result<()> {
+    stream.set_nodelay(true)?;
+    // One fd for both directions (no try_clone): the probe tracks sockets per (pid, fd).
+    let mut writer = &stream;
+    let mut reader = BufReader::new(&stream);
+    loop {
+        // Read the head line by line (the BufReader keeps pipelined bytes for the next round).
+        let mut head = Vec::new();
+        loop {
+            let n = reader.read_until(b'\n', &mut head)?;
+            if n == 0 {
+                return Ok(());
+            }
+            if head.ends_with(b"\r\n\r\n") || head == b"\r\n" {
+                break;
+            }
+            if head.len() > 65536 {
+                bail!("head too long");
+            }
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        req.parse(&head)?;
+        let method = req.method.unwrap_or("").to_string();
+        let path = req.path.unwrap_or("/").to_string();
+        let mut length = 0usize;
+        let mut chunked = false;
+        let mut agent = String::new();
+        for h in req.headers.iter() {
+            let v = String::from_utf8_lossy(h.value);
+            if h.name.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().unwrap_or(0);
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = v.contains("chunked");
+            } else if h.name.eq_ignore_ascii_case("user-agent") {
+                agent = v.into_owned();
+            }
+        }
+        let body_len = if chunked {
+            read_chunked(&mut reader)?
+        } else {
+            let mut body = vec![0u8; length];
+            reader.read_exact(&mut body)?;
+            length
+        };
+        let n = REQUESTS.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut delay = args.delay_ms;
+        if let Some(prefix) = &args.slow_path
+            && path.starts_with(prefix.as_str())
+            && args
+                .slow_agent
+                .as_ref()
+                .is_none_or(|a| agent.contains(a.as_str()))
+        {
+            delay += args.slow_ms;
+        }
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
+        if args.error_every > 0 && n % args.error_every == 0 {
+            respond(writer, 500, b"injected error\n")?;
+            continue;
+        }
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match (method.as_str(), parts.as_slice()) {
+            (_, ["bytes", n]) => {
+                let body = vec![b'x'; n.parse().unwrap_or(0)];
+                // Head and body in separate writes, as many servers do.
+                writer.write_all(
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
+                )?;
+                writer.write_all(&body)?;
+            }
+            (_, ["chunked", n, c]) => {
+                let total: usize = n.parse().unwrap_or(0);
+                let size: usize = c.parse::<usize>().unwrap_or(1).max(1);
+                writer.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")?;
+                let mut left = total;
+                while left > 0 {
+                    let k = left.min(size);
+                    let mut chunk = format!("{k:x}\r\n").into_bytes();
+                    chunk.extend(std::iter::repeat_n(b'y', k));
+                    chunk.extend_from_slice(b"\r\n");
+                    writer.write_all(&chunk)?;
+                    left -= k;
+                }
+                writer.write_all(b"0\r\n\r\n")?;
+            }
+            (_, ["status", code]) => {
+                respond(writer, code.parse().unwrap_or(500), b"status\n")?;
+            }
+            ("POST", ["echo"]) => {
+                respond(writer, 200, format!("{body_len}\n").as_bytes())?;
+            }
+            _ => respond(writer, 200, b"ok\n")?,
+        }
+    }
+}
+
+fn respond(mut w: &TcpStream, status: u16, body: &[u8]) -> Result<()> {
+    let mut out = format!(
+        "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    w.write_all(&out)?;
+    Ok(())
+}
+
+fn read_chunked(r: &mut BufReader<&TcpStream>) -> Result<usize> {
+    let mut total = 0;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)?;
+        if size == 0 {
+            let mut end = String::new();
+            r.read_line(&mut end)?;
+            return Ok(total);
+        }
+        let mut chunk = vec![0u8; size + 2];
+        r.read_exact(&mut chunk)?;
+        total += size;
+    }
+}

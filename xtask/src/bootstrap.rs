@@ -1,0 +1,167 @@
+//! Installs what building and testing need, idempotently and quietly when all is present:
+//! nightly `rust-src`, `bpf-linker` built on the nightly's own libLLVM, tracefs, Debian packages.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Debian packages the tests, demo and benchmarks use.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("nginx-light", "/usr/sbin/nginx"),
+    ("wrk", "/usr/bin/wrk"),
+    ("procps", "/usr/bin/pgrep"),
+];
+
+/// Where the libLLVM symlinks for building bpf-linker live (outside the clone).
+const LLVM_PREFIX: &str = "/var/tmp/bakeoff-llvm";
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run(step: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("bootstrap: {step}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("bootstrap step `{step}`: cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("bootstrap step `{step}` failed ({status}): {cmd:?}");
+    }
+    Ok(())
+}
+
+pub fn bootstrap() -> Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    tracefs()?;
+    debian_packages()?;
+    Ok(())
+}
+
+fn rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("the nightly toolchain is needed to build the eBPF programs (rustup toolchain list)")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    run(
+        "rustup component add rust-src --toolchain nightly",
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+    )
+}
+
+/// LLVM major version of the nightly, from `rustc +nightly -vV`.
+fn nightly_llvm_major() -> Result<u32> {
+    let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let version = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("`rustc +nightly -vV` prints no LLVM version")?;
+    version
+        .split('.')
+        .next()
+        .and_then(|m| m.trim().parse().ok())
+        .with_context(|| format!("cannot parse LLVM version `{version}`"))
+}
+
+fn cargo_bin(name: &str) -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"));
+    home.join("bin").join(name)
+}
+
+fn bpf_linker() -> Result<()> {
+    let major = nightly_llvm_major()?;
+    let stamp = PathBuf::from(LLVM_PREFIX).join(format!("bpf-linker.llvm-{major}"));
+    if cargo_bin("bpf-linker").exists() && stamp.exists() {
+        return Ok(());
+    }
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let lib_dir = Path::new(sysroot.trim()).join("lib");
+    let libllvm = std::fs::read_dir(&lib_dir)
+        .with_context(|| format!("cannot list {}", lib_dir.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with(&format!("libLLVM.so.{major}")))
+        .with_context(|| format!("no libLLVM.so.{major}* in {}", lib_dir.display()))?;
+    let prefix_lib = PathBuf::from(LLVM_PREFIX).join("lib");
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("cannot create {}", prefix_lib.display()))?;
+    for link in ["libLLVM.so", libllvm.as_str()] {
+        let path = prefix_lib.join(link);
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(lib_dir.join(&libllvm), &path)
+            .with_context(|| format!("cannot link {}", path.display()))?;
+    }
+    run(
+        &format!("cargo install bpf-linker (LLVM {major}, linked to the nightly's libLLVM)"),
+        Command::new("cargo")
+            .current_dir(std::env::temp_dir())
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env_remove("CARGO_TARGET_DIR")
+            .args([
+                "install",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+                "--locked",
+                "--force",
+            ]),
+    )?;
+    std::fs::write(&stamp, b"").with_context(|| format!("cannot write {}", stamp.display()))?;
+    Ok(())
+}
+
+fn tracefs() -> Result<()> {
+    if Path::new("/sys/kernel/tracing/events").is_dir()
+        || Path::new("/sys/kernel/debug/tracing/events").is_dir()
+    {
+        return Ok(());
+    }
+    run(
+        "mount tracefs",
+        Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]),
+    )
+}
+
+fn debian_packages() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(_, bin)| !Path::new(bin).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-qq"]),
+    )?;
+    run(
+        &format!("apt-get install {}", missing.join(" ")),
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
