@@ -200,7 +200,18 @@ fn run(cli: Cli) -> Result<()> {
     })?;
     out.flush().context("cannot flush events")?;
 
+    let programs: serde_json::Map<String, serde_json::Value> = kernel
+        .program_stats()
+        .into_iter()
+        .map(|(name, (ns, count))| {
+            (
+                name,
+                serde_json::json!({"run_time_ns": ns, "run_count": count}),
+            )
+        })
+        .collect();
     let stats = serde_json::json!({
+        "programs": programs,
         "pipeline": pipeline.stats,
         "connections": pipeline.conn_stats(),
         "in_flight_at_exit": pipeline.in_flight(),

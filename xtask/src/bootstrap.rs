@@ -58,7 +58,9 @@ fn rust_src() -> Result<()> {
         "nightly",
         "--installed",
     ]))
-    .context("the nightly toolchain is needed to build the eBPF programs (rustup toolchain list)")?;
+    .context(
+        "the nightly toolchain is needed to build the eBPF programs (rustup toolchain list)",
+    )?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
@@ -85,7 +87,9 @@ fn nightly_llvm_major() -> Result<u32> {
 fn cargo_bin(name: &str) -> PathBuf {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
+        });
     home.join("bin").join(name)
 }
 

@@ -1,1 +1,117 @@
-fn main() {}
+//! `cargo xtask`: toolchain bootstrap, builds, tests, the demo and benchmarks. Every command
+//! that needs the toolchain bootstraps it first, so a fresh clone needs nothing else.
+
+mod bootstrap;
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build and the tests need (idempotent, quiet when all is present).
+    Bootstrap,
+    /// Build the probe (kernel programs included) and the test tools.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: unit, property and real-kernel integration tests (needs root).
+    Test,
+    /// cargo fmt --check and clippy -D warnings.
+    Lint,
+    /// A baseline and a canary service under load, watched by the probe.
+    Demo {
+        /// Seconds of load.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+    },
+    /// Benchmarks: `probe` (cost of the probe on the host and on the watched service).
+    Bench {
+        #[arg(default_value = "probe")]
+        which: String,
+        /// Interleaved rounds per configuration.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Runs a command, failing with its name when it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Builds `bakeoff-probe` and `bakeoff-testserver`; returns the directory holding them.
+pub fn build(release: bool) -> Result<std::path::PathBuf> {
+    bootstrap::bootstrap()?;
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "-p",
+        "probe-user",
+        "-p",
+        "integration-tests",
+        "--bins",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    Ok(target_dir().join(if release { "release" } else { "debug" }))
+}
+
+/// The cargo target directory (see `.cargo/config.toml`).
+pub fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| "/var/tmp/bakeoff-target".into())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Bootstrap => bootstrap::bootstrap(),
+        Cmd::Build { release } => build(release).map(|_| ()),
+        Cmd::Test => {
+            let bins = build(false)?;
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                bail!("the integration tests load eBPF programs: run `cargo xtask test` as root");
+            }
+            run(cargo()
+                .args(["test", "--no-fail-fast"])
+                .env("BAKEOFF_BIN_DIR", &bins))
+        }
+        Cmd::Lint => {
+            run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+            run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
+        }
+        Cmd::Demo { seconds } => {
+            let bins = build(true)?;
+            run(Command::new(bins.join("bakeoff-demo")).args(["--seconds", &seconds.to_string()]))
+        }
+        Cmd::Bench { which, rounds } => {
+            let bins = build(true)?;
+            run(Command::new(bins.join("bakeoff-bench"))
+                .arg(which)
+                .args(["--rounds", &rounds.to_string()]))
+        }
+    }
+}

@@ -81,7 +81,7 @@ pub enum KernelError {
         program: String,
         category: String,
         name: String,
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("cannot load the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
@@ -90,7 +90,7 @@ pub enum KernelError {
     #[error("cannot load program `{program}`: {source}")]
     Program {
         program: String,
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("map operation on `{map}` failed: {source}")]
     Map {
@@ -142,7 +142,7 @@ impl Kernel {
                 .try_into()
                 .map_err(|source| KernelError::Program {
                     program: name.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             prog.load().map_err(|source| load_error(&name, source))?;
         }
@@ -187,7 +187,7 @@ impl Kernel {
             program: program.to_string(),
             category: category.to_string(),
             name: name.to_string(),
-            source,
+            source: Box::new(source),
         };
         let prog: &mut TracePoint = self
             .ebpf
@@ -336,7 +336,7 @@ fn load_error(program: &str, source: ProgramError) -> KernelError {
         }
         source => KernelError::Program {
             program: program.to_string(),
-            source,
+            source: Box::new(source),
         },
     }
 }
@@ -401,7 +401,7 @@ mod tests {
             "sys_exit_data",
             ProgramError::LoadError {
                 io_error: io::Error::from_raw_os_error(libc::EACCES),
-                verifier_log: aya::programs::VerifierLog::new(log + "\n\n"),
+                verifier_log: aya_obj::VerifierLog::new(log + "\n\n"),
             },
         );
         let text = err.to_string();

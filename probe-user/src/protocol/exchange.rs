@@ -208,3 +208,354 @@ impl Http1Exchange {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One request/response pair as bytes, with what the exchange must report.
+    #[derive(Clone, Debug)]
+    struct Pair {
+        request: Vec<u8>,
+        response: Vec<u8>,
+        method: String,
+        path: String,
+        status: u16,
+    }
+
+    fn body_bytes(len: usize) -> Vec<u8> {
+        (0..len).map(|i| b'a' + (i % 26) as u8).collect()
+    }
+
+    fn chunked(body: &[u8], size: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in body.chunks(size.max(1)) {
+            out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+            out.extend_from_slice(c);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+        out
+    }
+
+    fn pair(kind: u8, n: usize, req_body: usize, resp_body: usize, chunk: usize) -> Pair {
+        let path = format!("/r/{n}?q={kind}");
+        let (method, mut request) = match kind % 3 {
+            0 => (
+                "GET",
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nx-request-id: id-{n}\r\n\r\n")
+                    .into_bytes(),
+            ),
+            1 => {
+                let mut r = format!("POST {path} HTTP/1.1\r\nContent-Length: {req_body}\r\n\r\n")
+                    .into_bytes();
+                r.extend(body_bytes(req_body));
+                ("POST", r)
+            }
+            _ => {
+                let mut r = format!("PUT {path} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    .into_bytes();
+                r.extend(chunked(&body_bytes(req_body), chunk));
+                ("PUT", r)
+            }
+        };
+        let status = [200u16, 201, 404, 500, 204][n % 5];
+        let mut response = match (status, kind % 2) {
+            (204, _) => b"HTTP/1.1 204 No Content\r\nServer: t\r\n\r\n".to_vec(),
+            (s, 0) => {
+                let mut r =
+                    format!("HTTP/1.1 {s} X\r\nContent-Length: {resp_body}\r\n\r\n").into_bytes();
+                r.extend(body_bytes(resp_body));
+                r
+            }
+            (s, _) => {
+                let mut r =
+                    format!("HTTP/1.1 {s} X\r\nTransfer-Encoding: chunked\r\n\r\n").into_bytes();
+                r.extend(chunked(&body_bytes(resp_body), chunk));
+                r
+            }
+        };
+        if kind == 7 {
+            // An interim 100 Continue before the final response.
+            let mut r = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+            r.append(&mut response);
+            response = r;
+        }
+        request.shrink_to_fit();
+        Pair {
+            request,
+            response,
+            method: method.into(),
+            path,
+            status,
+        }
+    }
+
+    /// Splits `bytes` at the given cut fractions.
+    fn split<'a>(bytes: &'a [u8], cuts: &[u16]) -> Vec<&'a [u8]> {
+        let mut points: Vec<usize> = cuts
+            .iter()
+            .map(|c| *c as usize * bytes.len() / 1000)
+            .collect();
+        points.push(0);
+        points.push(bytes.len());
+        points.sort_unstable();
+        points.dedup();
+        points
+            .windows(2)
+            .map(|w| &bytes[w[0]..w[1]])
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    fn check(
+        pairs: &[Pair],
+        exchanges: &[Exchange],
+        anomalies: &[Anomaly],
+    ) -> Result<(), TestCaseError> {
+        prop_assert!(anomalies.is_empty(), "anomalies: {anomalies:?}");
+        prop_assert_eq!(exchanges.len(), pairs.len());
+        for (p, x) in pairs.iter().zip(exchanges) {
+            prop_assert_eq!(&x.request.method, &p.method);
+            prop_assert_eq!(&x.request.path, &p.path);
+            prop_assert_eq!(x.response.status, p.status);
+            prop_assert_eq!(x.request_bytes, p.request.len() as u64);
+            prop_assert_eq!(x.response_bytes, p.response.len() as u64);
+        }
+        Ok(())
+    }
+
+    fn pairs_strategy() -> impl Strategy<Value = Vec<Pair>> {
+        prop::collection::vec((0u8..8, 0usize..3000, 0usize..5000, 1usize..900), 1..6).prop_map(
+            |v| {
+                v.into_iter()
+                    .enumerate()
+                    .map(|(n, (k, a, b, c))| pair(k, n, a, b, c))
+                    .collect()
+            },
+        )
+    }
+
+    proptest! {
+        /// Any split of request and response streams into reads gives the same exchanges,
+        /// one request at a time (keep-alive).
+        #[test]
+        fn any_split_gives_the_same_exchanges(
+            pairs in pairs_strategy(),
+            cuts in prop::collection::vec(prop::collection::vec(0u16..1000, 0..8), 12),
+        ) {
+            let mut x = Http1Exchange::new();
+            let (mut done, mut anomalies) = (Vec::new(), Vec::new());
+            let mut ts = 1;
+            for (i, p) in pairs.iter().enumerate() {
+                for seg in split(&p.request, &cuts[(2 * i) % 12]) {
+                    ts += 1;
+                    x.on_request_bytes(ts, seg, seg.len() as u64, &mut done, &mut anomalies);
+                }
+                for seg in split(&p.response, &cuts[(2 * i + 1) % 12]) {
+                    ts += 1;
+                    x.on_response_bytes(ts, seg, seg.len() as u64, &mut done, &mut anomalies);
+                }
+            }
+            check(&pairs, &done, &anomalies)?;
+            prop_assert_eq!(x.in_flight(), 0);
+        }
+
+        /// Pipelined: every request first (in arbitrary reads), then every response.
+        #[test]
+        fn pipelined_streams_pair_in_order(
+            pairs in pairs_strategy(),
+            req_cuts in prop::collection::vec(0u16..1000, 0..16),
+            resp_cuts in prop::collection::vec(0u16..1000, 0..16),
+        ) {
+            let requests: Vec<u8> = pairs.iter().flat_map(|p| p.request.clone()).collect();
+            let responses: Vec<u8> = pairs.iter().flat_map(|p| p.response.clone()).collect();
+            let mut x = Http1Exchange::new();
+            let (mut done, mut anomalies) = (Vec::new(), Vec::new());
+            for seg in split(&requests, &req_cuts) {
+                x.on_request_bytes(1, seg, seg.len() as u64, &mut done, &mut anomalies);
+            }
+            for seg in split(&responses, &resp_cuts) {
+                x.on_response_bytes(2, seg, seg.len() as u64, &mut done, &mut anomalies);
+            }
+            check(&pairs, &done, &anomalies)?;
+        }
+
+        /// Random bytes never panic, and never produce more exchanges than requests started.
+        #[test]
+        fn garbage_is_survived(
+            chunks in prop::collection::vec((any::<bool>(), prop::collection::vec(any::<u8>(), 0..200), 0u64..500), 0..30)
+        ) {
+            let mut x = Http1Exchange::new();
+            let (mut done, mut anomalies) = (Vec::new(), Vec::new());
+            for (req, bytes, extra) in chunks {
+                let len = bytes.len() as u64 + extra;
+                if req {
+                    x.on_request_bytes(1, &bytes, len, &mut done, &mut anomalies);
+                } else {
+                    x.on_response_bytes(2, &bytes, len, &mut done, &mut anomalies);
+                }
+            }
+            let _ = x.close(&mut done);
+        }
+    }
+
+    /// Feeds one "syscall" whose captured prefix is at most `prefix` bytes.
+    fn feed_capped(
+        x: &mut Http1Exchange,
+        req: bool,
+        ts: u64,
+        bytes: &[u8],
+        prefix: usize,
+        done: &mut Vec<Exchange>,
+        an: &mut Vec<Anomaly>,
+    ) {
+        let cap = &bytes[..bytes.len().min(prefix)];
+        if req {
+            x.on_request_bytes(ts, cap, bytes.len() as u64, done, an);
+        } else {
+            x.on_response_bytes(ts, cap, bytes.len() as u64, done, an);
+        }
+    }
+
+    #[test]
+    fn bodies_beyond_the_prefix_keep_exact_counts_and_times() {
+        let p = pair(4, 0, 10_000, 50_000, 100); // POST, Content-Length both ways
+        let mut x = Http1Exchange::new();
+        let (mut done, mut an) = (Vec::new(), Vec::new());
+        // The request in one read, the response head and body in separate writes.
+        feed_capped(&mut x, true, 10, &p.request, 256, &mut done, &mut an);
+        let head_len = p
+            .response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap()
+            + 4;
+        feed_capped(
+            &mut x,
+            false,
+            20,
+            &p.response[..head_len],
+            256,
+            &mut done,
+            &mut an,
+        );
+        feed_capped(
+            &mut x,
+            false,
+            35,
+            &p.response[head_len..],
+            256,
+            &mut done,
+            &mut an,
+        );
+        assert!(an.is_empty(), "{an:?}");
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].request_bytes, p.request.len() as u64);
+        assert_eq!(done[0].response_bytes, p.response.len() as u64);
+        assert_eq!((done[0].start_ts, done[0].end_ts), (10, 35));
+    }
+
+    #[test]
+    fn chunk_lines_lost_in_a_gap_end_the_message_at_the_turn() {
+        // A chunked request body sent in one write far beyond the prefix: its chunk-size lines
+        // are not captured, so its end comes from the response starting.
+        let p = pair(2, 1, 5000, 10, 300);
+        let mut x = Http1Exchange::new();
+        let (mut done, mut an) = (Vec::new(), Vec::new());
+        feed_capped(&mut x, true, 1, &p.request, 256, &mut done, &mut an);
+        feed_capped(&mut x, false, 9, &p.response, 256, &mut done, &mut an);
+        assert_eq!(an, vec![Anomaly::EndedAtTurn(DesyncReason::ChunkTruncated)]);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].request_bytes, p.request.len() as u64);
+        assert_eq!(done[0].response.status, p.status);
+    }
+
+    #[test]
+    fn a_head_beyond_the_prefix_is_counted_not_guessed() {
+        let mut request = b"GET /x HTTP/1.1\r\nCookie: ".to_vec();
+        request.extend(body_bytes(600));
+        request.extend_from_slice(b"\r\n\r\n");
+        let mut x = Http1Exchange::new();
+        let (mut done, mut an) = (Vec::new(), Vec::new());
+        feed_capped(&mut x, true, 1, &request, 256, &mut done, &mut an);
+        feed_capped(
+            &mut x,
+            false,
+            2,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            256,
+            &mut done,
+            &mut an,
+        );
+        assert!(done.is_empty());
+        assert!(
+            matches!(
+                an[0],
+                Anomaly::Desync {
+                    reason: DesyncReason::HeadTruncated,
+                    ..
+                }
+            ),
+            "{an:?}"
+        );
+        // The next request on the connection is seen again.
+        let p = pair(0, 2, 0, 5, 1);
+        feed_capped(&mut x, true, 3, &p.request, 256, &mut done, &mut an);
+        feed_capped(&mut x, false, 4, &p.response, 256, &mut done, &mut an);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].request.path, p.path);
+    }
+
+    #[test]
+    fn head_requests_have_no_response_body_and_close_ends_unframed_responses() {
+        let mut x = Http1Exchange::new();
+        let (mut done, mut an) = (Vec::new(), Vec::new());
+        x.on_request_bytes(1, b"HEAD / HTTP/1.1\r\n\r\n", 19, &mut done, &mut an);
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n";
+        x.on_response_bytes(2, resp, resp.len() as u64, &mut done, &mut an);
+        assert_eq!(done.len(), 1);
+        x.on_request_bytes(3, b"GET /old HTTP/1.0\r\n\r\n", 21, &mut done, &mut an);
+        let resp = b"HTTP/1.0 200 OK\r\n\r\nbody until close";
+        x.on_response_bytes(4, resp, resp.len() as u64, &mut done, &mut an);
+        assert_eq!(done.len(), 1);
+        let unanswered = x.close(&mut done);
+        assert!(unanswered.is_empty());
+        assert_eq!(done.len(), 2);
+        assert_eq!(done[1].response_bytes, resp.len() as u64);
+        assert_eq!(done[1].end_ts, 4);
+    }
+
+    #[test]
+    fn close_before_the_response_reports_the_request() {
+        let mut x = Http1Exchange::new();
+        let (mut done, mut an) = (Vec::new(), Vec::new());
+        x.on_request_bytes(5, b"GET /crash HTTP/1.1\r\n\r\n", 23, &mut done, &mut an);
+        let unanswered = x.close(&mut done);
+        assert_eq!(unanswered.len(), 1);
+        assert_eq!(unanswered[0].0.path, "/crash");
+        assert_eq!(unanswered[0].1, 5);
+    }
+
+    #[test]
+    fn lost_events_resynchronise_at_the_next_request() {
+        let mut x = Http1Exchange::new();
+        let (mut done, mut an) = (Vec::new(), Vec::new());
+        x.on_request_bytes(1, b"GET /a HTTP/1.1\r\n\r\n", 19, &mut done, &mut an);
+        x.events_lost(&mut an);
+        // The rest of /a's response arrives after the loss: ignored.
+        x.on_response_bytes(2, b"tail of a body", 14, &mut done, &mut an);
+        x.on_request_bytes(3, b"GET /b HTTP/1.1\r\n\r\n", 19, &mut done, &mut an);
+        x.on_response_bytes(
+            4,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            38,
+            &mut done,
+            &mut an,
+        );
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].request.path, "/b");
+    }
+}

@@ -119,6 +119,8 @@ pub struct MessageParser {
     start_ts: u64,
     /// Bytes of the current message so far.
     bytes: u64,
+    /// Bytes of interim (1xx) responses, counted into the final response.
+    interim: Option<(u64, u64)>,
     last_ts: u64,
 }
 
@@ -137,6 +139,7 @@ impl MessageParser {
             buf: BytesMut::new(),
             start_ts: 0,
             bytes: 0,
+            interim: None,
             last_ts: 0,
         }
     }
@@ -190,8 +193,8 @@ impl MessageParser {
                         return;
                     }
                     self.state = State::Head;
-                    self.start_ts = ts;
-                    self.bytes = 0;
+                    // After an interim response, the final one continues its count and start.
+                    (self.start_ts, self.bytes) = self.interim.take().unwrap_or((ts, 0));
                     self.buf.clear();
                 }
                 State::Head => {
@@ -355,7 +358,7 @@ impl MessageParser {
                         } else if (100..200).contains(&status) {
                             // Interim response: not the answer; the final one follows.
                             self.state = State::Idle;
-                            self.bytes = 0;
+                            self.interim = Some((self.start_ts, self.bytes));
                             return used;
                         } else if req.head || status == 204 || status == 304 {
                             None
@@ -427,11 +430,7 @@ impl MessageParser {
                             out.push(Output::Desync(DesyncReason::Malformed));
                         }
                     },
-                    Chunk::Trailer => {
-                        if line.is_empty() {
-                            self.finish(ts, out);
-                        }
-                    }
+                    Chunk::Trailer if line.is_empty() => self.finish(ts, out),
                     _ => {}
                 }
                 nl + 1

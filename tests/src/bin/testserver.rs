@@ -110,7 +110,7 @@ fn serve(stream: TcpStream, args: &Args) -> Result<()> {
         if delay > 0 {
             std::thread::sleep(Duration::from_millis(delay));
         }
-        if args.error_every > 0 && n % args.error_every == 0 {
+        if args.error_every > 0 && n.is_multiple_of(args.error_every) {
             respond(writer, 500, b"injected error\n")?;
             continue;
         }

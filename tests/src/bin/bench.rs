@@ -1,0 +1,403 @@
+//! bakeoff-bench (run by `cargo xtask bench probe`): what the probe costs, side by side in one run, in interleaved
+//! rounds (this host is noisy): no probe; probe running with nginx untagged; nginx tagged.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use bakeoff_testkit::{
+    cgroup::Cgroup,
+    client::{Conn, Request},
+    process::{Guard, free_port, wait_for, wait_for_port},
+};
+use clap::Parser;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Setup {
+    NoProbe,
+    Untagged,
+    Tagged,
+}
+
+impl Setup {
+    fn name(self) -> &'static str {
+        match self {
+            Setup::NoProbe => "no probe",
+            Setup::Untagged => "probe, untagged",
+            Setup::Tagged => "probe, tagged",
+        }
+    }
+}
+
+/// One configuration's measurements in one round.
+#[derive(Clone, Debug, Default)]
+struct Row {
+    getppid_ns: f64,
+    write_ns: f64,
+    max_rps: f64,
+    max_p50_us: f64,
+    max_p99_us: f64,
+    fixed_p50_us: f64,
+    fixed_p99_us: f64,
+    requests: u64,
+    probe_cpu_us: f64,
+    probe_rss_kb: f64,
+    events: f64,
+    drops: f64,
+    bpf_ns: f64,
+    seconds: f64,
+}
+
+const FIXED_RATE: u64 = 2000;
+const LOAD_SECONDS: u64 = 3;
+
+#[derive(Parser)]
+struct Args {
+    /// Which benchmark: `probe`.
+    #[arg(default_value = "probe")]
+    which: String,
+    /// Interleaved rounds per configuration.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    match args.which.as_str() {
+        "probe" => probe(&bakeoff_testkit::process::target_bin_dir(), args.rounds),
+        other => bail!("unknown benchmark `{other}` (available: probe)"),
+    }
+}
+
+fn probe(bins: &Path, rounds: usize) -> Result<()> {
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "the benchmark loads eBPF programs: run it as root"
+    );
+    let dir = PathBuf::from("/tmp/bakeoff-bench");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let _parent = Cgroup::create("bakeoff-bench")?;
+    let watched = Cgroup::create("bakeoff-bench/watched")?;
+    let unwatched = Cgroup::create("bakeoff-bench/unwatched")?;
+    let stats_before =
+        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enable bpf stats")?;
+
+    let port = free_port();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "daemon off; master_process on; worker_processes 2; user root; pid {d}/nginx.pid;\n\
+             error_log {d}/error.log warn; events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; client_body_temp_path {d}/body; keepalive_requests 100000;\n\
+             server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"hello\\n\"; }} }} }}\n",
+            d = dir.display()
+        ),
+    )?;
+    let _nginx = Guard::shell(
+        "nginx",
+        &format!(
+            "{}/usr/sbin/nginx -c {}/nginx.conf -p {}",
+            unwatched.exec_prefix(),
+            dir.display(),
+            dir.display()
+        ),
+        &[],
+    )?;
+    wait_for_port(port, Duration::from_secs(10))?;
+
+    let setups = [Setup::NoProbe, Setup::Untagged, Setup::Tagged];
+    let mut rows: Vec<(Setup, Row)> = Vec::new();
+    for round in 0..rounds {
+        for &setup in &setups {
+            let target = if setup == Setup::Tagged {
+                &watched
+            } else {
+                &unwatched
+            };
+            move_nginx(&dir, target.path())?;
+            let row = measure(bins, &dir, &watched, setup, port)?;
+            eprintln!(
+                "round {}/{rounds} {:<16} getppid {:.0} ns, write {:.0} ns, {:.0} req/s",
+                round + 1,
+                setup.name(),
+                row.getppid_ns,
+                row.write_ns,
+                row.max_rps
+            );
+            rows.push((setup, row));
+        }
+    }
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
+    report(&rows);
+    Ok(())
+}
+
+fn move_nginx(dir: &Path, cgroup: &Path) -> Result<()> {
+    let master: u32 = std::fs::read_to_string(dir.join("nginx.pid"))?
+        .trim()
+        .parse()?;
+    for pid in std::iter::once(master).chain(bakeoff_probe::cohort::proc::children_of(master)) {
+        std::fs::write(cgroup.join("cgroup.procs"), pid.to_string())
+            .with_context(|| format!("move {pid} to {}", cgroup.display()))?;
+    }
+    Ok(())
+}
+
+fn measure(bins: &Path, dir: &Path, watched: &Cgroup, setup: Setup, port: u16) -> Result<Row> {
+    let stats = dir.join("stats.json");
+    let ready = dir.join("ready");
+    let _ = std::fs::remove_file(&stats);
+    let _ = std::fs::remove_file(&ready);
+    let mut probe = match setup {
+        Setup::NoProbe => None,
+        _ => {
+            let p = Guard::spawn(
+                "bakeoff-probe",
+                Command::new(bins.join("bakeoff-probe"))
+                    .arg("--cohort")
+                    .arg(format!("canary=cgroup:{}", watched.path().display()))
+                    .arg("--output")
+                    .arg(dir.join("events.jsonl"))
+                    .arg("--ready-file")
+                    .arg(&ready)
+                    .arg("--stats-file")
+                    .arg(&stats)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null()),
+            )?;
+            wait_for("probe ready", Duration::from_secs(60), || ready.exists())?;
+            Some(p)
+        }
+    };
+    let started = Instant::now();
+    let mut row = Row {
+        getppid_ns: syscall_ns(|| unsafe {
+            libc::getppid();
+        }),
+        ..Row::default()
+    };
+    let devnull = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&devnull);
+    row.write_ns = syscall_ns(|| unsafe {
+        libc::write(fd, b"x".as_ptr().cast(), 1);
+    });
+    let (rps, p50, p99, n) = wrk(port)?;
+    row.max_rps = rps;
+    row.max_p50_us = p50;
+    row.max_p99_us = p99;
+    let (fp50, fp99, fixed_n) = fixed_rate(port)?;
+    row.fixed_p50_us = fp50;
+    row.fixed_p99_us = fp99;
+    row.requests = n + fixed_n;
+    row.seconds = started.elapsed().as_secs_f64();
+    if let Some(p) = probe.as_mut() {
+        let (cpu_ticks, rss_kb) = proc_usage(p.pid())?;
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        p.stop(Duration::from_secs(30))?;
+        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats)?)?;
+        row.probe_cpu_us = cpu_ticks as f64 / hz * 1e6 / row.requests.max(1) as f64;
+        row.probe_rss_kb = rss_kb as f64;
+        row.events = s["pipeline"]["events"].as_f64().unwrap_or(0.0);
+        row.drops = s["kernel_drops"]
+            .as_object()
+            .map(|o| o.values().filter_map(|v| v.as_f64()).sum())
+            .unwrap_or(0.0);
+        let bpf_total: f64 = s["programs"]
+            .as_object()
+            .map(|o| o.values().filter_map(|v| v["run_time_ns"].as_f64()).sum())
+            .unwrap_or(0.0);
+        row.bpf_ns = bpf_total / row.requests.max(1) as f64;
+    }
+    Ok(row)
+}
+
+/// Best of five runs of 200 000 calls, in ns per call.
+fn syscall_ns(mut f: impl FnMut()) -> f64 {
+    const N: u32 = 200_000;
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..N {
+                f();
+            }
+            t.elapsed().as_nanos() as f64 / f64::from(N)
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// wrk at the maximum rate: (requests/s, p50 us, p99 us, requests).
+fn wrk(port: u16) -> Result<(f64, f64, f64, u64)> {
+    let out = Command::new("wrk")
+        .args(["-t1", "-c8", &format!("-d{LOAD_SECONDS}s"), "--latency"])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .context("cannot run wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_string()))
+    };
+    let rps: f64 = field("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no Requests/sec in wrk output:\n{text}"))?;
+    let p50 = field("50%")
+        .and_then(|v| duration_us(&v))
+        .unwrap_or(f64::NAN);
+    let p99 = field("99%")
+        .and_then(|v| duration_us(&v))
+        .unwrap_or(f64::NAN);
+    let n = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok((rps, p50, p99, n))
+}
+
+/// `123.45us`, `1.2ms`, `2.00s` in microseconds.
+fn duration_us(v: &str) -> Option<f64> {
+    let split = v.find(|c: char| c.is_ascii_alphabetic())?;
+    let (num, unit) = v.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => num,
+        "ms" => num * 1e3,
+        "s" => num * 1e6,
+        _ => return None,
+    })
+}
+
+/// A fixed offered rate over four keep-alive connections; latency is measured from each
+/// request's scheduled time, so a stall is not hidden (no coordinated omission).
+fn fixed_rate(port: u16) -> Result<(f64, f64, u64)> {
+    const CONNS: u64 = 4;
+    let per_conn = FIXED_RATE / CONNS;
+    let interval = Duration::from_nanos(1_000_000_000 / per_conn);
+    let total = per_conn * LOAD_SECONDS;
+    let threads: Vec<_> = (0..CONNS)
+        .map(|c| {
+            std::thread::spawn(move || -> Result<Vec<u64>> {
+                let mut conn = Conn::connect(port)?;
+                let start = Instant::now();
+                let mut lat = Vec::with_capacity(total as usize);
+                for i in 0..total {
+                    let due = start + interval * i as u32;
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    conn.request(&Request::get("/", &format!("bench-{c}-{i}")))?;
+                    lat.push(due.elapsed().as_micros() as u64);
+                }
+                Ok(lat)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in threads {
+        all.extend(
+            t.join()
+                .map_err(|_| anyhow::anyhow!("load thread panicked"))??,
+        );
+    }
+    if all.is_empty() {
+        bail!("no requests completed");
+    }
+    all.sort_unstable();
+    let q = |q: f64| all[((all.len() - 1) as f64 * q) as usize] as f64;
+    Ok((q(0.5), q(0.99), all.len() as u64))
+}
+
+/// CPU ticks (user + system) and RSS in kB of a process.
+fn proc_usage(pid: u32) -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok((ticks, rss))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn report(rows: &[(Setup, Row)]) {
+    let of = |s: Setup, f: fn(&Row) -> f64| {
+        median(
+            rows.iter()
+                .filter(|(x, _)| *x == s)
+                .map(|(_, r)| f(r))
+                .collect(),
+        )
+    };
+    let setups = [Setup::NoProbe, Setup::Untagged, Setup::Tagged];
+    println!(
+        "\nbakeoff probe benchmark: medians of {} interleaved rounds, {} cores\n",
+        rows.len() / 3,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<17} {:>11} {:>9} {:>10} {:>9} {:>9} {:>10} {:>10}",
+        "setup", "getppid_ns", "write_ns", "max_rps", "max_p50", "max_p99", "2k/s_p50", "2k/s_p99"
+    );
+    for s in setups {
+        println!(
+            "{:<17} {:>11.0} {:>9.0} {:>10.0} {:>7.0}us {:>7.0}us {:>8.0}us {:>8.0}us",
+            s.name(),
+            of(s, |r| r.getppid_ns),
+            of(s, |r| r.write_ns),
+            of(s, |r| r.max_rps),
+            of(s, |r| r.max_p50_us),
+            of(s, |r| r.max_p99_us),
+            of(s, |r| r.fixed_p50_us),
+            of(s, |r| r.fixed_p99_us),
+        );
+    }
+    println!(
+        "\n{:<17} {:>14} {:>9} {:>10} {:>7} {:>15}",
+        "setup", "probe_cpu_us/req", "rss_MiB", "events/s", "drops", "bpf_ns/request"
+    );
+    for s in [Setup::Untagged, Setup::Tagged] {
+        println!(
+            "{:<17} {:>16.2} {:>9.1} {:>10.0} {:>7.0} {:>15.0}",
+            s.name(),
+            of(s, |r| r.probe_cpu_us),
+            of(s, |r| r.probe_rss_kb) / 1024.0,
+            of(s, |r| r.events / r.seconds),
+            of(s, |r| r.drops),
+            of(s, |r| r.bpf_ns),
+        );
+    }
+    let base = |f: fn(&Row) -> f64| of(Setup::NoProbe, f);
+    println!("\nadded by the probe (vs no probe):");
+    for s in [Setup::Untagged, Setup::Tagged] {
+        println!(
+            "  {:<16} getppid {:+.0} ns, write(/dev/null) {:+.0} ns per call (unwatched process); \
+             max throughput x{:.3}; p50 {:+.0} us, p99 {:+.0} us at 2000 req/s",
+            s.name(),
+            of(s, |r| r.getppid_ns) - base(|r| r.getppid_ns),
+            of(s, |r| r.write_ns) - base(|r| r.write_ns),
+            of(s, |r| r.max_rps) / base(|r| r.max_rps),
+            of(s, |r| r.fixed_p50_us) - base(|r| r.fixed_p50_us),
+            of(s, |r| r.fixed_p99_us) - base(|r| r.fixed_p99_us),
+        );
+    }
+}
