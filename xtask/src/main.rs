@@ -85,6 +85,45 @@ pub fn target_dir() -> std::path::PathBuf {
         .unwrap_or_else(|| "/var/tmp/bakeoff-target".into())
 }
 
+/// Runs `cargo test`, echoing its output, and ends with one plain total line
+/// (`N passed, N failed`) summed over every test binary.
+fn test(bins: &std::path::Path) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = cargo()
+        .args(["test", "--no-fail-fast"])
+        .env("BAKEOFF_BIN_DIR", bins)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                // "ok. 23 passed; 0 failed; 0 ignored; ..."
+                let count = |word: &str| {
+                    rest.split(';')
+                        .find_map(|part| {
+                            let mut it = part.split_whitespace().rev();
+                            (it.next()? == word).then_some(())?;
+                            it.next()?.parse::<u64>().ok()
+                        })
+                        .unwrap_or(0)
+                };
+                passed += count("passed");
+                failed += count("failed");
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("\nxtask test: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("tests failed ({status})");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Bootstrap => bootstrap::bootstrap(),
@@ -95,9 +134,7 @@ fn main() -> Result<()> {
             if unsafe { libc::geteuid() } != 0 {
                 bail!("the integration tests load eBPF programs: run `cargo xtask test` as root");
             }
-            run(cargo()
-                .args(["test", "--no-fail-fast"])
-                .env("BAKEOFF_BIN_DIR", &bins))
+            test(&bins)
         }
         Cmd::Lint => {
             run(cargo().args(["fmt", "--all", "--", "--check"]))?;
