@@ -13,7 +13,7 @@ use crate::{
     kernel::{Kernel, KernelError, record},
 };
 
-/// What the pipeline changes in the kernel. `Kernel` implements it; tests may use a plain map.
+/// What the pipeline changes in the kernel (implemented by `Kernel`); a seam for tests.
 pub trait Membership {
     fn set_tgid(&mut self, tgid: u32, cohort: u32) -> Result<(), KernelError>;
     fn remove_tgid(&mut self, tgid: u32);

@@ -182,6 +182,17 @@ fn every_request_of_both_cohorts_becomes_one_exact_event() -> Result<()> {
     )?;
     wait_for_port(canary_port, Duration::from_secs(10))?;
     wait_for_port(untagged_port, Duration::from_secs(10))?;
+    // A keep-alive connection opened before the probe: its first request is unseen (no event),
+    // later ones must be seen through the connection seeded from /proc.
+    let mut sent = Vec::new();
+    let mut early = Conn::connect(canary_port)?;
+    let r = Request::get("/", "early-0");
+    let resp = early.request(&r)?;
+    sent.push(Sent {
+        cohort: None,
+        request: r,
+        response: resp,
+    });
 
     // The probe.
     let out = dir.join("events.jsonl");
