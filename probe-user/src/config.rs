@@ -87,23 +87,61 @@ impl CohortRule {
     }
 }
 
-/// Where request events go.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+/// Where request events go as JSON lines.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
-    /// `-` for stdout, otherwise a file path (appended to).
-    #[serde(default = "default_output")]
-    pub path: String,
+    /// `-` for stdout, `none`, or a file path (appended to). Default: stdout, or none when a
+    /// collector is configured.
+    #[serde(default)]
+    pub path: Option<String>,
 }
 
-fn default_output() -> String {
-    "-".into()
+/// The collector the probe streams events to (`bakeoff.v1.Ingest`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    /// `http://host:port` of the collector's gRPC port.
+    pub endpoint: String,
+    /// Events per batch.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Longest time an event waits for its batch to fill, in milliseconds.
+    #[serde(default = "default_batch_interval_ms")]
+    pub batch_interval_ms: u64,
+    /// Unacknowledged batches kept in memory before spilling to `spool_dir`.
+    #[serde(default = "default_queue_batches")]
+    pub queue_batches: usize,
+    /// Directory for batches that do not fit in memory (and survive a probe restart).
+    #[serde(default)]
+    pub spool_dir: Option<std::path::PathBuf>,
+    /// Bound of the spool directory in bytes; beyond it the oldest batches are dropped (counted).
+    #[serde(default = "default_spool_bytes")]
+    pub spool_bytes: u64,
 }
 
-impl Default for OutputConfig {
-    fn default() -> Self {
+fn default_batch_size() -> usize {
+    512
+}
+fn default_batch_interval_ms() -> u64 {
+    200
+}
+fn default_queue_batches() -> usize {
+    256
+}
+fn default_spool_bytes() -> u64 {
+    256 << 20
+}
+
+impl CollectorConfig {
+    pub fn new(endpoint: String) -> Self {
         Self {
-            path: default_output(),
+            endpoint,
+            batch_size: default_batch_size(),
+            batch_interval_ms: default_batch_interval_ms(),
+            queue_batches: default_queue_batches(),
+            spool_dir: None,
+            spool_bytes: default_spool_bytes(),
         }
     }
 }
@@ -132,6 +170,8 @@ pub struct Config {
     pub cohorts: Vec<CohortRule>,
     #[serde(default)]
     pub output: OutputConfig,
+    #[serde(default)]
+    pub collector: Option<CollectorConfig>,
 }
 
 fn default_experiment() -> String {
@@ -157,11 +197,22 @@ impl Default for Config {
             on_demand_hooks: true,
             cohorts: Vec::new(),
             output: OutputConfig::default(),
+            collector: None,
         }
     }
 }
 
 impl Config {
+    /// Where JSON lines go, if anywhere.
+    pub fn json_output(&self) -> Option<&str> {
+        match self.output.path.as_deref() {
+            Some("none") => None,
+            Some(p) => Some(p),
+            None if self.collector.is_some() => None,
+            None => Some("-"),
+        }
+    }
+
     /// Reads and validates a YAML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -207,6 +258,19 @@ impl Config {
                 "ring_buffer_bytes {} must be a power of two of at least 4096",
                 self.ring_buffer_bytes
             )));
+        }
+        if let Some(c) = &self.collector {
+            if !(c.endpoint.starts_with("http://") || c.endpoint.starts_with("https://")) {
+                return Err(invalid(format!(
+                    "collector.endpoint `{}` must start with http:// or https://",
+                    c.endpoint
+                )));
+            }
+            if c.batch_size == 0 || c.queue_batches == 0 {
+                return Err(invalid(
+                    "collector.batch_size and queue_batches must be positive".into(),
+                ));
+            }
         }
         for (i, rule) in self.cohorts.iter().enumerate() {
             let at = |m: String| invalid(format!("cohorts[{i}] ({}): {m}", rule.name));

@@ -8,6 +8,7 @@ pub mod cohort;
 pub mod config;
 pub mod conn;
 pub mod event;
+pub mod export;
 pub mod kernel;
 pub mod output;
 pub mod pipeline;

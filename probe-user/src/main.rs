@@ -6,7 +6,11 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use bakeoff_probe::{
     cohort::{CgroupMatch, Cohorts, cgroup2_root},
-    config::{CohortRule, Config},
+    config::{CohortRule, CollectorConfig, Config},
+    export::{
+        grpc::{ExportConfig, Exporter},
+        to_proto,
+    },
     kernel::Kernel,
     output::JsonLines,
     pipeline::Pipeline,
@@ -41,9 +45,24 @@ struct Cli {
     /// Keep the per-syscall hooks attached even while no cohort has a member.
     #[arg(long)]
     always_attach: bool,
-    /// Where events go: `-` (stdout) or a file.
+    /// JSON lines: `-` (stdout), `none`, or a file. Default: stdout unless --collector is set.
     #[arg(short, long, env = "BAKEOFF_OUTPUT")]
     output: Option<String>,
+    /// Stream events to this collector (`http://host:port`, its gRPC ingest).
+    #[arg(long, env = "BAKEOFF_COLLECTOR")]
+    collector: Option<String>,
+    /// Directory where unacknowledged batches overflow (bounded; survives restarts).
+    #[arg(long, env = "BAKEOFF_SPOOL_DIR")]
+    spool_dir: Option<PathBuf>,
+    /// Memory queue of unacknowledged batches, before the spool.
+    #[arg(long)]
+    queue_batches: Option<usize>,
+    /// Bound of the spool directory in bytes.
+    #[arg(long)]
+    spool_bytes: Option<u64>,
+    /// Events per batch sent to the collector.
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Create this file once the probe is watching (hooks attached, connections seeded).
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -84,7 +103,24 @@ impl Cli {
             config.on_demand_hooks = false;
         }
         if let Some(v) = &self.output {
-            config.output.path = v.clone();
+            config.output.path = Some(v.clone());
+        }
+        if let Some(v) = &self.collector {
+            config.collector = Some(CollectorConfig::new(v.clone()));
+        }
+        if let Some(c) = config.collector.as_mut() {
+            if let Some(v) = &self.spool_dir {
+                c.spool_dir = Some(v.clone());
+            }
+            if let Some(v) = self.queue_batches {
+                c.queue_batches = v;
+            }
+            if let Some(v) = self.spool_bytes {
+                c.spool_bytes = v;
+            }
+            if let Some(v) = self.batch_size {
+                c.batch_size = v;
+            }
         }
         config.validate("command line")?;
         if config.cohorts.is_empty() {
@@ -123,8 +159,12 @@ fn run(cli: Cli) -> Result<()> {
     let ring = kernel.ring()?;
     let node = config.node.clone().unwrap_or_else(hostname);
     let mut pipeline = Pipeline::new(cohorts, config.experiment.clone(), node);
-    let mut out = JsonLines::open(&config.output.path)
-        .with_context(|| format!("cannot open output {}", config.output.path))?;
+    let mut out = match config.json_output() {
+        Some(path) => {
+            Some(JsonLines::open(path).with_context(|| format!("cannot open output {path}"))?)
+        }
+        None => None,
+    };
 
     let mut cgroups = pipeline.cohorts().cgroups();
     kernel.set_cgroups(&ids(&cgroups))?;
@@ -149,7 +189,26 @@ fn run(cli: Cli) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let mut summary = Summary::default();
-    runtime.block_on(async {
+    let exporter_stats = runtime.block_on(async {
+        let exporter = match &config.collector {
+            Some(c) => Some(
+                Exporter::start(
+                    ExportConfig {
+                        endpoint: c.endpoint.clone(),
+                        batch_size: c.batch_size,
+                        batch_interval: Duration::from_millis(c.batch_interval_ms),
+                        queue_batches: c.queue_batches,
+                        spool_dir: c.spool_dir.clone(),
+                        spool_bytes: c.spool_bytes,
+                        drain_timeout: Duration::from_secs(5),
+                    },
+                    hello(&config, &pipeline),
+                )
+                .context("cannot start the collector exporter")?,
+            ),
+            None => None,
+        };
+        let mut sink = Sink { json: out.as_mut(), exporter: exporter.as_ref(), summary: &mut summary };
         // SAFETY: the ring buffer owns its fd and keeps it open until the AsyncFd is dropped.
         let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
@@ -172,7 +231,7 @@ fn run(cli: Cli) -> Result<()> {
                     let mut guard = guard.context("ring buffer poll failed")?;
                     drain(guard.get_inner_mut(), &mut pipeline, &mut kernel, &mut events);
                     guard.clear_ready();
-                    write_events(&mut out, &mut events, &mut summary)?;
+                    sink.write(&mut events)?;
                     hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
                 }
                 _ = tick.tick() => {
@@ -184,6 +243,9 @@ fn run(cli: Cli) -> Result<()> {
                         hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
                     }
                     let drops = kernel.drops();
+                    if let Some(e) = sink.exporter {
+                        e.stats.ringbuf_drops.store(drops[0], std::sync::atomic::Ordering::Relaxed);
+                    }
                     if drops != last_drops {
                         tracing::warn!(?drops, "kernel-side drops (ringbuf_full, sockets_full, calls_full, read_user)");
                         last_drops = drops;
@@ -195,10 +257,17 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         drain(ring.get_mut(), &mut pipeline, &mut kernel, &mut events);
-        write_events(&mut out, &mut events, &mut summary)?;
-        anyhow::Ok(())
+        sink.write(&mut events)?;
+        let stats = match exporter {
+            Some(e) => {
+                let stats = e.stats.clone();
+                e.shutdown().await;
+                Some(stats.to_json())
+            }
+            None => None,
+        };
+        anyhow::Ok(stats)
     })?;
-    out.flush().context("cannot flush events")?;
 
     let programs: serde_json::Map<String, serde_json::Value> = kernel
         .program_stats()
@@ -215,6 +284,7 @@ fn run(cli: Cli) -> Result<()> {
         "pipeline": pipeline.stats,
         "connections": pipeline.conn_stats(),
         "in_flight_at_exit": pipeline.in_flight(),
+        "export": exporter_stats,
         "kernel_drops": {
             "ringbuf_full": kernel.drops()[0],
             "sockets_full": kernel.drops()[1],
@@ -249,16 +319,80 @@ fn drain(
     }
 }
 
-fn write_events(
-    out: &mut JsonLines,
-    events: &mut Vec<bakeoff_probe::event::RequestEvent>,
-    summary: &mut Summary,
-) -> Result<()> {
-    for e in events.drain(..) {
-        summary.add(&e);
-        out.write(&e).context("cannot write event")?;
+/// Everywhere finished events go.
+struct Sink<'a> {
+    json: Option<&'a mut JsonLines>,
+    exporter: Option<&'a Exporter>,
+    summary: &'a mut Summary,
+}
+
+impl Sink<'_> {
+    fn write(&mut self, events: &mut Vec<bakeoff_probe::event::RequestEvent>) -> Result<()> {
+        for e in events.drain(..) {
+            self.summary.add(&e);
+            if let Some(x) = self.exporter {
+                x.send(to_proto(&e));
+            }
+            if let Some(out) = self.json.as_deref_mut() {
+                out.write(&e).context("cannot write event")?;
+            }
+        }
+        if let Some(out) = self.json.as_deref_mut() {
+            out.flush().context("cannot flush events")?;
+        }
+        Ok(())
     }
-    out.flush().context("cannot flush events")
+}
+
+/// What the probe tells the collector about itself. The id is new for every start unless
+/// spooled batches of an earlier run are resent (their sequence numbers continue).
+fn hello(config: &Config, pipeline: &Pipeline) -> bakeoff_proto::v1::ProbeHello {
+    let node = config.node.clone().unwrap_or_else(hostname);
+    let spool_id = config
+        .collector
+        .as_ref()
+        .and_then(|c| c.spool_dir.as_ref())
+        .map(|d| d.join("probe_id"));
+    let fresh = || {
+        let mut bytes = [0u8; 8];
+        let _ = std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+        format!("{node}-{:016x}", u64::from_le_bytes(bytes))
+    };
+    // Sequence numbers restart at 1 with an empty spool, so only a spool that still holds
+    // batches may keep the earlier identity (else the collector would discard them as repeats).
+    let has_batches = |dir: &std::path::Path| {
+        std::fs::read_dir(dir).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".batch"))
+        })
+    };
+    let probe_id = match &spool_id {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(id) if !id.trim().is_empty() && path.parent().is_some_and(has_batches) => {
+                id.trim().to_string()
+            }
+            _ => {
+                let id = fresh();
+                if let Some(dir) = path.parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+                let _ = std::fs::write(path, &id);
+                id
+            }
+        },
+        None => fresh(),
+    };
+    bakeoff_proto::v1::ProbeHello {
+        probe_id,
+        protocol_version: bakeoff_proto::PROTOCOL_VERSION,
+        node,
+        probe_version: env!("CARGO_PKG_VERSION").to_string(),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+        cohorts: pipeline.cohorts().names().to_vec(),
+    }
 }
 
 /// Attaches the per-syscall hooks while some cohort has a member, detaches them otherwise.

@@ -4,4 +4,5 @@
 
 pub mod cgroup;
 pub mod client;
+pub mod collector;
 pub mod process;

@@ -13,6 +13,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("nginx-light", "/usr/sbin/nginx"),
     ("wrk", "/usr/bin/wrk"),
     ("procps", "/usr/bin/pgrep"),
+    ("protobuf-compiler", "/usr/bin/protoc"),
 ];
 
 /// Where the libLLVM symlinks for building bpf-linker live (outside the clone).

@@ -19,25 +19,31 @@ struct Cli {
 enum Cmd {
     /// Install what the build and the tests need (idempotent, quiet when all is present).
     Bootstrap,
-    /// Build the probe (kernel programs included) and the test tools.
-    Build {
-        #[arg(long)]
-        release: bool,
-    },
+    /// Build the probe (kernel programs included), the collector and the test tools (release
+    /// profile, the one tests, demo and benchmarks use).
+    Build,
     /// Run every test: unit, property and real-kernel integration tests (needs root).
     Test,
-    /// cargo fmt --check and clippy -D warnings.
-    Lint,
+    /// cargo fmt --check and clippy -D warnings. Without `--all` the collector is left out:
+    /// clippy recompiles DuckDB's C++ (about half an hour on 2 cores) the first time.
+    Lint {
+        #[arg(long)]
+        all: bool,
+    },
     /// A baseline and a canary service under load, watched by the probe.
     Demo {
         /// Seconds of load.
         #[arg(long, default_value_t = 8)]
         seconds: u64,
     },
-    /// Benchmarks: `probe` (cost of the probe on the host and on the watched service).
+    /// Benchmarks: `probe` (cost of the probe on the host and on the watched service) or
+    /// `collector` (ingest rate into DuckDB, group-by time over 10 million events).
     Bench {
         #[arg(default_value = "probe")]
         which: String,
+        /// Events for the collector benchmark.
+        #[arg(long, default_value_t = 10_000_000)]
+        events: u64,
         /// Interleaved rounds per configuration.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
@@ -59,18 +65,16 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Builds `bakeoff-probe` and `bakeoff-testserver`; returns the directory holding them.
+/// Builds every binary (probe, collector, test tools) and the tests; returns the directory
+/// holding the binaries.
 pub fn build(release: bool) -> Result<std::path::PathBuf> {
     bootstrap::bootstrap()?;
     let mut cmd = cargo();
-    cmd.args([
-        "build",
-        "-p",
-        "probe-user",
-        "-p",
-        "integration-tests",
-        "--bins",
-    ]);
+    // `--all-targets` unifies features as `cargo test` does (dev-dependencies included), so the
+    // tests, the demo and the benchmarks share one build of DuckDB's C++: a different feature
+    // set of any of libduckdb-sys's build-dependencies (cc, flate2, serde_json, tar, ureq, ...)
+    // would rebuild it, which takes about half an hour on 2 cores.
+    cmd.args(["build", "--all-targets"]);
     if release {
         cmd.arg("--release");
     }
@@ -90,7 +94,7 @@ pub fn target_dir() -> std::path::PathBuf {
 fn test(bins: &std::path::Path) -> Result<()> {
     use std::io::{BufRead as _, BufReader};
     let mut child = cargo()
-        .args(["test", "--no-fail-fast"])
+        .args(["test", "--release", "--no-fail-fast"])
         .env("BAKEOFF_BIN_DIR", bins)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -127,28 +131,47 @@ fn test(bins: &std::path::Path) -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Bootstrap => bootstrap::bootstrap(),
-        Cmd::Build { release } => build(release).map(|_| ()),
+        Cmd::Build => build(true).map(|_| ()),
         Cmd::Test => {
-            let bins = build(false)?;
+            // One profile for tests, demo and benchmarks: DuckDB's C++ is then built once.
+            let bins = build(true)?;
             // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } != 0 {
                 bail!("the integration tests load eBPF programs: run `cargo xtask test` as root");
             }
             test(&bins)
         }
-        Cmd::Lint => {
+        Cmd::Lint { all } => {
             run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-            run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
+            let mut clippy = cargo();
+            clippy.args(["clippy", "--release", "--all-targets"]);
+            if !all {
+                for p in [
+                    "probe-common",
+                    "probe-user",
+                    "bakeoff-proto",
+                    "xtask",
+                    "integration-tests",
+                ] {
+                    clippy.args(["-p", p]);
+                }
+            }
+            run(clippy.args(["--", "-D", "warnings"]))
         }
         Cmd::Demo { seconds } => {
             let bins = build(true)?;
             run(Command::new(bins.join("bakeoff-demo")).args(["--seconds", &seconds.to_string()]))
         }
-        Cmd::Bench { which, rounds } => {
+        Cmd::Bench {
+            which,
+            rounds,
+            events,
+        } => {
             let bins = build(true)?;
             run(Command::new(bins.join("bakeoff-bench"))
                 .arg(which)
-                .args(["--rounds", &rounds.to_string()]))
+                .args(["--rounds", &rounds.to_string()])
+                .args(["--events", &events.to_string()]))
         }
     }
 }

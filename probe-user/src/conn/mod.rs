@@ -64,6 +64,20 @@ pub struct Conn {
     proto: Proto,
 }
 
+impl Conn {
+    /// An exchange of this connection, with the connection's identity attached.
+    fn labelled(&self, key: ConnKey, exchange: Exchange) -> ConnExchange {
+        ConnExchange {
+            tgid: key.0,
+            fd: key.1,
+            cohort: self.cohort,
+            role: self.role,
+            peer: self.peer,
+            exchange,
+        }
+    }
+}
+
 /// A complete exchange with the connection it happened on.
 #[derive(Clone, Debug)]
 pub struct ConnExchange {
@@ -197,16 +211,7 @@ impl ConnTable {
             Side::Request => http.on_request_bytes(ts, data, len, &mut exchanges, &mut anomalies),
             Side::Response => http.on_response_bytes(ts, data, len, &mut exchanges, &mut anomalies),
         }
-        for exchange in exchanges {
-            done.push(ConnExchange {
-                tgid: key.0,
-                fd: key.1,
-                cohort: conn.cohort,
-                role: conn.role,
-                peer: conn.peer,
-                exchange,
-            });
-        }
+        done.extend(exchanges.into_iter().map(|x| conn.labelled(key, x)));
         self.count(&anomalies);
     }
 
@@ -234,24 +239,15 @@ impl ConnTable {
     /// The socket was closed: finish what the close completes and return requests left
     /// unanswered.
     pub fn close(&mut self, key: ConnKey, done: &mut Vec<ConnExchange>) -> Vec<Unanswered> {
-        let Some(conn) = self.conns.remove(&key) else {
+        let Some(mut conn) = self.conns.remove(&key) else {
             return Vec::new();
         };
-        let Proto::Http1(mut http) = conn.proto else {
+        let Proto::Http1(http) = &mut conn.proto else {
             return Vec::new();
         };
         let mut exchanges = Vec::new();
         let unanswered = http.close(&mut exchanges);
-        for exchange in exchanges {
-            done.push(ConnExchange {
-                tgid: key.0,
-                fd: key.1,
-                cohort: conn.cohort,
-                role: conn.role,
-                peer: conn.peer,
-                exchange,
-            });
-        }
+        done.extend(exchanges.into_iter().map(|x| conn.labelled(key, x)));
         self.stats.unanswered_requests += unanswered.len() as u64;
         unanswered
             .into_iter()

@@ -56,19 +56,23 @@ const LOAD_SECONDS: u64 = 3;
 
 #[derive(Parser)]
 struct Args {
-    /// Which benchmark: `probe`.
+    /// Which benchmark: `probe` or `collector`.
     #[arg(default_value = "probe")]
     which: String,
     /// Interleaved rounds per configuration.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Events ingested by the collector benchmark (the group-by runs over all of them).
+    #[arg(long, default_value_t = 10_000_000)]
+    events: u64,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     match args.which.as_str() {
         "probe" => probe(&bakeoff_testkit::process::target_bin_dir(), args.rounds),
-        other => bail!("unknown benchmark `{other}` (available: probe)"),
+        "collector" => collector(args.events),
+        other => bail!("unknown benchmark `{other}` (available: probe, collector)"),
     }
 }
 
@@ -400,4 +404,128 @@ fn report(rows: &[(Setup, Row)]) {
             of(s, |r| r.fixed_p99_us) - base(|r| r.fixed_p99_us),
         );
     }
+}
+
+/// Synthetic events shaped like the probe's: 2 cohorts, 50 paths, realistic durations.
+fn synthetic_batch(seq: u64, n: usize, stream: usize) -> bakeoff_proto::v1::IngestRequest {
+    use bakeoff_proto::v1::{EventBatch, IngestRequest, RequestEvent, ingest_request::Message};
+    let events = (0..n)
+        .map(|i| {
+            let k = seq as usize * n + i;
+            RequestEvent {
+                experiment: "bench".into(),
+                cohort: if k.is_multiple_of(10) {
+                    "canary"
+                } else {
+                    "baseline"
+                }
+                .into(),
+                node: format!("node-{stream}"),
+                pid: 1000 + stream as u32,
+                exe: "/usr/bin/service".into(),
+                role: "server".into(),
+                protocol: "http1".into(),
+                method: "GET".into(),
+                path: format!("/api/items/{}", k % 50),
+                status: Some(if k.is_multiple_of(97) { 503 } else { 200 }),
+                start_unix_ns: 1_700_000_000_000_000_000 + k as u64 * 1000,
+                duration_ns: 1_000_000 + (k as u64 * 7919) % 5_000_000,
+                bytes_in: 120,
+                bytes_out: 2048,
+                peer: "10.0.0.1:40000".into(),
+                request_id: format!("{stream}-{k}"),
+                ..RequestEvent::default()
+            }
+        })
+        .collect();
+    IngestRequest {
+        message: Some(Message::Batch(EventBatch {
+            sequence: seq,
+            events,
+        })),
+    }
+}
+
+/// Ingest rate from concurrent probe streams, then a group-by with quantiles over everything.
+fn collector(total: u64) -> Result<()> {
+    use bakeoff_proto::v1::{
+        IngestRequest, ProbeHello, ingest_client::IngestClient, ingest_request::Message,
+    };
+    const STREAMS: usize = 4;
+    const BATCH: usize = 2000;
+    let dir = PathBuf::from("/tmp/bakeoff-bench-collector");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let collector = bakeoff_testkit::collector::Collector::start(&dir)?;
+    let endpoint = collector.endpoint();
+    let batches_per_stream = (total as usize).div_ceil(BATCH * STREAMS) as u64;
+    let events = batches_per_stream * (BATCH * STREAMS) as u64;
+    let rt = tokio::runtime::Runtime::new()?;
+    let started = Instant::now();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for stream in 0..STREAMS {
+            let endpoint = endpoint.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut client = IngestClient::connect(endpoint).await?;
+                let (tx, rx) = tokio::sync::mpsc::channel::<IngestRequest>(4);
+                tx.send(IngestRequest {
+                    message: Some(Message::Hello(ProbeHello {
+                        probe_id: format!("bench-{stream}"),
+                        protocol_version: bakeoff_proto::PROTOCOL_VERSION,
+                        ..ProbeHello::default()
+                    })),
+                })
+                .await?;
+                let mut acks = client
+                    .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await?
+                    .into_inner();
+                let sender = tokio::spawn(async move {
+                    for seq in 1..=batches_per_stream {
+                        if tx.send(synthetic_batch(seq, BATCH, stream)).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Keep the stream open until the acks are in.
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                });
+                while let Some(ack) = acks.message().await? {
+                    if ack.stored_sequence >= batches_per_stream {
+                        break;
+                    }
+                }
+                sender.abort();
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        anyhow::Ok(())
+    })?;
+    let ingest_s = started.elapsed().as_secs_f64();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let t = Instant::now();
+    let groups = collector.get("/api/v1/groups?by=cohort,path")?;
+    let group_s = t.elapsed().as_secs_f64();
+    let stored: u64 = groups
+        .as_array()
+        .map(|g| g.iter().filter_map(|r| r["requests"].as_u64()).sum())
+        .unwrap_or(0);
+    ensure!(stored == events, "stored {stored} of {events} events");
+    println!(
+        "\nbakeoff collector benchmark ({cores} cores, DuckDB, {STREAMS} concurrent probe streams, batches of {BATCH})\n"
+    );
+    println!(
+        "ingested        {events} events in {ingest_s:.1} s: {:.0} events/s, {:.0} events/s per core",
+        events as f64 / ingest_s,
+        events as f64 / ingest_s / cores as f64
+    );
+    println!(
+        "group-by        cohort,path with count, errors, p50/p90/p99 over {stored} events: {group_s:.2} s ({} groups)",
+        groups.as_array().map_or(0, Vec::len)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }

@@ -60,6 +60,7 @@ fn main() -> Result<()> {
     wait_for_port(bport, Duration::from_secs(10))?;
     wait_for_port(cport, Duration::from_secs(10))?;
 
+    let collector = bakeoff_testkit::collector::Collector::start(dir)?;
     let events = dir.join("events.jsonl");
     let ready = dir.join("ready");
     let mut probe = Guard::spawn(
@@ -72,6 +73,7 @@ fn main() -> Result<()> {
             .arg(format!("canary=cgroup:{}", canary_cg.path().display()))
             .arg("--output")
             .arg(&events)
+            .args(["--collector", &collector.endpoint()])
             .arg("--ready-file")
             .arg(&ready)
             .stdout(Stdio::null())
@@ -115,6 +117,21 @@ fn main() -> Result<()> {
     }
     println!("\n{sent} requests sent; per cohort, as the probe saw them:\n");
     print!("{}", summary.table());
+    println!(
+        "\nper cohort and endpoint, from the collector \
+         (bakeoff events --api http://127.0.0.1:{} --where experiment=demo --group-by cohort,path):\n",
+        collector.http_port
+    );
+    let status = Command::new(bins.join("bakeoff"))
+        .args([
+            "events",
+            "--api",
+            &format!("http://127.0.0.1:{}", collector.http_port),
+        ])
+        .args(["--where", "experiment=demo", "--group-by", "cohort,path"])
+        .status()
+        .context("cannot run bakeoff events")?;
+    anyhow::ensure!(status.success(), "bakeoff events failed");
     Ok(())
 }
 

@@ -1,0 +1,3 @@
+//! What the collector serves to people and tools.
+
+pub mod http;

@@ -1,0 +1,189 @@
+//! `bakeoff.v1.Ingest`: many probes at once, one stream each. Every stored batch is
+//! acknowledged with its sequence; a batch at or below the last stored sequence of its probe is
+//! a resend and is acknowledged without being stored again.
+
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use bakeoff_proto::{
+    PROTOCOL_VERSION,
+    v1::{IngestAck, IngestRequest, ProbeHealth, ingest_request::Message, ingest_server::Ingest},
+};
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::store::Store;
+
+/// Most events one batch may carry.
+pub const MAX_BATCH_EVENTS: usize = 100_000;
+/// Largest message accepted, in bytes (tonic answers RESOURCE_EXHAUSTED above it).
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Counters of the ingest, for the API and logs.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    pub events_stored: AtomicU64,
+    pub batches_stored: AtomicU64,
+    pub batches_duplicate: AtomicU64,
+    pub streams_refused: AtomicU64,
+    /// Latest health report per probe id.
+    pub health: Mutex<HashMap<String, ProbeHealth>>,
+}
+
+pub struct IngestService {
+    store: Arc<dyn Store>,
+    pub stats: Arc<IngestStats>,
+}
+
+impl IngestService {
+    pub fn new(store: Arc<dyn Store>, stats: Arc<IngestStats>) -> Self {
+        Self { store, stats }
+    }
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<IngestAck, Status>> + Send>>;
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("storage task failed: {e}")))?
+        .map_err(|e| Status::unavailable(format!("storage failed: {e}")))
+}
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    type StreamStream = AckStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<IngestRequest>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let refuse = |status: Status| {
+            self.stats.streams_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(code = ?status.code(), message = status.message(), "ingest stream refused");
+            status
+        };
+        let hello = match inbound.message().await? {
+            Some(IngestRequest {
+                message: Some(Message::Hello(h)),
+            }) => h,
+            Some(_) => {
+                return Err(refuse(Status::invalid_argument(
+                    "the first message of a stream must be ProbeHello",
+                )));
+            }
+            None => return Err(refuse(Status::invalid_argument("empty stream"))),
+        };
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(refuse(Status::failed_precondition(format!(
+                "probe speaks bakeoff.v1 protocol version {}, this collector speaks {PROTOCOL_VERSION}",
+                hello.protocol_version
+            ))));
+        }
+        if hello.probe_id.is_empty() {
+            return Err(refuse(Status::invalid_argument(
+                "ProbeHello.probe_id is empty",
+            )));
+        }
+        let probe = hello.probe_id.clone();
+        let mut last = {
+            let (store, probe) = (self.store.clone(), probe.clone());
+            blocking(move || store.last_sequence(&probe)).await?
+        };
+        tracing::info!(
+            probe,
+            node = hello.node,
+            version = hello.probe_version,
+            resume_after = last,
+            "probe connected"
+        );
+        let (tx, rx) = mpsc::channel(64);
+        let _ = tx.try_send(Ok(IngestAck {
+            stored_sequence: last,
+        }));
+        let store = self.store.clone();
+        let stats = self.stats.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(status) => {
+                        // Oversized or undecodable messages land here: tell the probe why.
+                        tracing::warn!(probe, code = ?status.code(), message = status.message(), "probe stream failed");
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                };
+                match msg.message {
+                    Some(Message::Batch(batch)) => {
+                        if batch.sequence <= last {
+                            stats.batches_duplicate.fetch_add(1, Ordering::Relaxed);
+                        } else if batch.events.len() > MAX_BATCH_EVENTS {
+                            let _ = tx
+                                .send(Err(Status::invalid_argument(format!(
+                                    "batch {} has {} events, more than {MAX_BATCH_EVENTS}",
+                                    batch.sequence,
+                                    batch.events.len()
+                                ))))
+                                .await;
+                            break;
+                        } else {
+                            let (store, p, seq, n) = (
+                                store.clone(),
+                                probe.clone(),
+                                batch.sequence,
+                                batch.events.len(),
+                            );
+                            match blocking(move || store.append(&p, seq, &batch.events)).await {
+                                Ok(()) => {
+                                    last = seq;
+                                    stats.batches_stored.fetch_add(1, Ordering::Relaxed);
+                                    stats.events_stored.fetch_add(n as u64, Ordering::Relaxed);
+                                }
+                                Err(status) => {
+                                    tracing::error!(
+                                        probe,
+                                        error = status.message(),
+                                        "cannot store a batch"
+                                    );
+                                    let _ = tx.send(Err(status)).await;
+                                    break;
+                                }
+                            }
+                        }
+                        // Acks are cumulative: if the probe is slow to read them, skipping one
+                        // loses nothing.
+                        let _ = tx.try_send(Ok(IngestAck {
+                            stored_sequence: last,
+                        }));
+                    }
+                    Some(Message::Health(h)) => {
+                        if let Ok(mut m) = stats.health.lock() {
+                            m.insert(probe.clone(), h);
+                        }
+                    }
+                    Some(Message::Hello(_)) | None => {
+                        let _ = tx
+                            .send(Err(Status::invalid_argument(
+                                "ProbeHello may only come first",
+                            )))
+                            .await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,254 @@
+//! `bakeoff`: the collector (`serve`) and its terminal client (`events`).
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use bakeoff_collector::{
+    api::http::{ApiState, router},
+    ingest::{IngestService, IngestStats, MAX_MESSAGE_BYTES},
+    query::{Filter, GroupRow},
+    store::{Store, duckdb::DuckDbStore},
+};
+use bakeoff_proto::v1::ingest_server::IngestServer;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bakeoff",
+    version,
+    about = "bakeoff collector: stores request events from probes and answers queries"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Receive events from probes (gRPC) and serve queries (HTTP JSON).
+    Serve {
+        /// gRPC ingest address.
+        #[arg(long, env = "BAKEOFF_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+        grpc_listen: SocketAddr,
+        /// HTTP API address.
+        #[arg(long, env = "BAKEOFF_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+        http_listen: SocketAddr,
+        /// DuckDB file holding the raw events.
+        #[arg(long, env = "BAKEOFF_DB", default_value = "bakeoff.duckdb")]
+        db: PathBuf,
+        /// Delete events older than this many hours (0 keeps everything).
+        #[arg(long, env = "BAKEOFF_RETENTION_HOURS", default_value_t = 168)]
+        retention_hours: u64,
+    },
+    /// Query events: raw (newest first) or grouped, as a table or JSON.
+    Events {
+        /// The collector's HTTP API.
+        #[arg(long, env = "BAKEOFF_API", default_value = "http://127.0.0.1:8080")]
+        api: String,
+        /// FIELD=VALUE filters (repeatable), e.g. `cohort=canary`.
+        #[arg(long = "where", value_name = "FIELD=VALUE")]
+        filters: Vec<String>,
+        /// Group by these fields (comma-separated), with counts and latency quantiles.
+        #[arg(long)]
+        group_by: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    use std::io::IsTerminal as _;
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BAKEOFF_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let result = match Cli::parse().command {
+        Cmd::Serve {
+            grpc_listen,
+            http_listen,
+            db,
+            retention_hours,
+        } => serve(grpc_listen, http_listen, db, retention_hours),
+        Cmd::Events {
+            api,
+            filters,
+            group_by,
+            limit,
+            json,
+        } => events(&api, &filters, group_by.as_deref(), limit, json),
+    };
+    if let Err(e) = result {
+        eprintln!("bakeoff: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn serve(grpc: SocketAddr, http: SocketAddr, db: PathBuf, retention_hours: u64) -> Result<()> {
+    let store: Arc<dyn Store> = Arc::new(
+        DuckDbStore::open(&db).with_context(|| format!("cannot open database {}", db.display()))?,
+    );
+    let stats = Arc::new(IngestStats::default());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let http_listener = tokio::net::TcpListener::bind(http)
+            .await
+            .with_context(|| format!("cannot listen on {http}"))?;
+        let grpc_listener = tokio::net::TcpListener::bind(grpc)
+            .await
+            .with_context(|| format!("cannot listen on {grpc}"))?;
+        let app = router(ApiState {
+            store: store.clone(),
+            stats: stats.clone(),
+        });
+        let ingest = IngestServer::new(IngestService::new(store.clone(), stats.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        tracing::info!(%grpc, %http, db = %db.display(), "collector ready");
+        if retention_hours > 0 {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    let cutoff = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos() as u64)
+                        .unwrap_or(0)
+                        .saturating_sub(retention_hours * 3_600_000_000_000);
+                    let store = store.clone();
+                    match tokio::task::spawn_blocking(move || store.delete_before(cutoff)).await {
+                        Ok(Ok(n)) if n > 0 => tracing::info!(deleted = n, "retention"),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "retention failed"),
+                        _ => {}
+                    }
+                }
+            });
+        }
+        let grpc_server = tonic::transport::Server::builder()
+            .add_service(ingest)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                shutdown(),
+            );
+        let http_server = axum::serve(http_listener, app).with_graceful_shutdown(shutdown());
+        tokio::try_join!(
+            async { grpc_server.await.context("gRPC server failed") },
+            async { http_server.await.context("HTTP server failed") },
+        )?;
+        tracing::info!("collector stopped");
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn events(
+    api: &str,
+    filters: &[String],
+    group_by: Option<&str>,
+    limit: usize,
+    json: bool,
+) -> Result<()> {
+    Filter::parse(filters)?; // clear error before any request
+    let path = if group_by.is_some() {
+        "groups"
+    } else {
+        "events"
+    };
+    let mut req = ureq::get(&format!("{}/api/v1/{path}", api.trim_end_matches('/')));
+    for f in filters {
+        if let Some((k, v)) = f.split_once('=') {
+            req = req.query(k, v);
+        }
+    }
+    if let Some(by) = group_by {
+        req = req.query("by", by);
+    } else {
+        req = req.query("limit", limit.to_string());
+    }
+    let mut resp = req
+        .call()
+        .with_context(|| format!("cannot query the collector at {api}"))?;
+    let body: serde_json::Value = resp
+        .body_mut()
+        .read_json()
+        .context("bad JSON from the collector")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    match group_by {
+        Some(by) => {
+            let rows: Vec<GroupRow> = serde_json::from_value(body)?;
+            print!("{}", group_table(by, &rows));
+        }
+        None => {
+            let Some(rows) = body.as_array() else {
+                bail!("unexpected answer: {body}");
+            };
+            println!(
+                "{:<10} {:<8} {:<6} {:<40} {:>6} {:>10} {:>9}",
+                "cohort", "pid", "method", "path", "status", "ms", "bytes_out"
+            );
+            for r in rows {
+                let s = |k: &str| {
+                    r[k].as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| r[k].to_string())
+                };
+                println!(
+                    "{:<10} {:<8} {:<6} {:<40} {:>6} {:>10.3} {:>9}",
+                    s("cohort"),
+                    s("pid"),
+                    s("method"),
+                    s("path"),
+                    s("status"),
+                    r["duration_ns"].as_f64().unwrap_or(0.0) / 1e6,
+                    s("bytes_out")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A fixed-width table of group-by rows.
+fn group_table(by: &str, rows: &[GroupRow]) -> String {
+    let names: Vec<&str> = by.split(',').collect();
+    let mut out = String::new();
+    for n in &names {
+        out += &format!("{n:<16} ");
+    }
+    out += &format!(
+        "{:>9} {:>7} {:>9} {:>9} {:>9}\n",
+        "requests", "errors", "p50_ms", "p90_ms", "p99_ms"
+    );
+    for r in rows {
+        for k in &r.key {
+            out += &format!("{:<16} ", k.as_deref().unwrap_or("-"));
+        }
+        out += &format!(
+            "{:>9} {:>7} {:>9.3} {:>9.3} {:>9.3}\n",
+            r.requests, r.errors, r.p50_ms, r.p90_ms, r.p99_ms
+        );
+    }
+    out
+}

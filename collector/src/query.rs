@@ -1,0 +1,139 @@
+//! Read-time queries over raw events: filters on any field, group-by any field with counts,
+//! error counts and latency quantiles. Field names come from a fixed list (never from SQL text);
+//! values are bound as parameters.
+
+use serde::{Deserialize, Serialize};
+
+/// Every queryable field of a stored event.
+pub const FIELDS: &[&str] = &[
+    "probe_id",
+    "experiment",
+    "cohort",
+    "node",
+    "pod",
+    "container",
+    "pid",
+    "exe",
+    "role",
+    "protocol",
+    "method",
+    "route",
+    "path",
+    "status",
+    "grpc_status",
+    "error",
+    "peer",
+    "request_id",
+    "traceparent",
+];
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QueryError {
+    #[error("unknown field `{0}` (known: {list})", list = FIELDS.join(", "))]
+    UnknownField(String),
+    #[error("filter `{0}` is not FIELD=VALUE")]
+    BadFilter(String),
+}
+
+/// Equality filters, ANDed, plus an optional time range on the request start.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Filter {
+    pub equals: Vec<(String, String)>,
+    pub since_unix_ns: Option<u64>,
+    pub until_unix_ns: Option<u64>,
+}
+
+fn field(name: &str) -> Result<&'static str, QueryError> {
+    FIELDS
+        .iter()
+        .find(|f| **f == name)
+        .copied()
+        .ok_or_else(|| QueryError::UnknownField(name.to_string()))
+}
+
+impl Filter {
+    /// Parses `FIELD=VALUE` strings.
+    pub fn parse(items: &[String]) -> Result<Self, QueryError> {
+        let mut f = Filter::default();
+        for item in items {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| QueryError::BadFilter(item.clone()))?;
+            f.add(k, v)?;
+        }
+        Ok(f)
+    }
+
+    /// Adds one equality (also `since`/`until` in Unix ns).
+    pub fn add(&mut self, key: &str, value: &str) -> Result<(), QueryError> {
+        match key {
+            "since" => self.since_unix_ns = value.parse().ok(),
+            "until" => self.until_unix_ns = value.parse().ok(),
+            _ => self
+                .equals
+                .push((field(key)?.to_string(), value.to_string())),
+        }
+        Ok(())
+    }
+
+    /// A WHERE clause with `?` placeholders, and the values to bind in order.
+    pub fn to_sql(&self) -> Result<(String, Vec<String>), QueryError> {
+        let mut clauses = vec!["TRUE".to_string()];
+        let mut values = Vec::new();
+        for (k, v) in &self.equals {
+            // Text comparison works for every column and keeps the binding uniform.
+            clauses.push(format!("CAST({} AS VARCHAR) = ?", field(k)?));
+            values.push(v.clone());
+        }
+        if let Some(s) = self.since_unix_ns {
+            clauses.push(format!("start_unix_ns >= {s}"));
+        }
+        if let Some(u) = self.until_unix_ns {
+            clauses.push(format!("start_unix_ns < {u}"));
+        }
+        Ok((clauses.join(" AND "), values))
+    }
+}
+
+/// Group-by fields, validated.
+pub fn group_fields(by: &[String]) -> Result<Vec<&'static str>, QueryError> {
+    by.iter().map(|b| field(b.trim())).collect()
+}
+
+/// One row of a group-by: the key values, then the aggregates.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct GroupRow {
+    pub key: Vec<Option<String>>,
+    pub requests: u64,
+    /// Requests with no response or a 5xx status.
+    pub errors: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub bytes_out: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_bind_values_and_refuse_unknown_fields() {
+        let f = Filter::parse(&["cohort=canary".into(), "status=500".into()]).unwrap();
+        let (sql, values) = f.to_sql().unwrap();
+        assert_eq!(
+            sql,
+            "TRUE AND CAST(cohort AS VARCHAR) = ? AND CAST(status AS VARCHAR) = ?"
+        );
+        assert_eq!(values, vec!["canary", "500"]);
+        assert_eq!(
+            Filter::parse(&["cohort; drop table events=1".into()]).unwrap_err(),
+            QueryError::UnknownField("cohort; drop table events".into())
+        );
+        assert!(matches!(
+            Filter::parse(&["cohort".into()]),
+            Err(QueryError::BadFilter(_))
+        ));
+        assert!(group_fields(&["path".into(), "nope".into()]).is_err());
+    }
+}

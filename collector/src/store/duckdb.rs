@@ -1,0 +1,312 @@
+//! The default backend: one embedded DuckDB file, no server. Appends go through DuckDB's
+//! appender inside a transaction that also records the probe's last sequence.
+
+use std::{path::Path, sync::Mutex};
+
+use bakeoff_proto::v1::RequestEvent;
+use duckdb::{Connection, params};
+
+use super::{Store, StoreError, StoredEvent};
+use crate::query::{FIELDS, Filter, GroupRow, group_fields};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    probe_id VARCHAR, sequence UBIGINT,
+    experiment VARCHAR, cohort VARCHAR, node VARCHAR, pod VARCHAR, container VARCHAR,
+    pid UINTEGER, exe VARCHAR, role VARCHAR, protocol VARCHAR, method VARCHAR, route VARCHAR,
+    path VARCHAR, status INTEGER, grpc_status INTEGER, error VARCHAR,
+    start_unix_ns UBIGINT, duration_ns UBIGINT, bytes_in UBIGINT, bytes_out UBIGINT,
+    peer VARCHAR, request_id VARCHAR, traceparent VARCHAR, attributes VARCHAR
+);
+CREATE TABLE IF NOT EXISTS probes (
+    probe_id VARCHAR PRIMARY KEY, last_sequence UBIGINT NOT NULL
+);
+";
+
+/// Columns returned for raw events, in table order after `sequence`.
+const EVENT_COLUMNS: &[&str] = &[
+    "probe_id",
+    "experiment",
+    "cohort",
+    "node",
+    "pod",
+    "container",
+    "pid",
+    "exe",
+    "role",
+    "protocol",
+    "method",
+    "route",
+    "path",
+    "status",
+    "grpc_status",
+    "error",
+    "start_unix_ns",
+    "duration_ns",
+    "bytes_in",
+    "bytes_out",
+    "peer",
+    "request_id",
+    "traceparent",
+    "attributes",
+];
+
+pub struct DuckDbStore {
+    conn: Mutex<Connection>,
+}
+
+impl DuckDbStore {
+    /// Opens (or creates) the database file and its schema.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
+        self.conn.lock().map_err(|_| StoreError::Poisoned)
+    }
+}
+
+fn opt(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+impl Store for DuckDbStore {
+    fn last_sequence(&self, probe_id: &str) -> Result<u64, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare("SELECT last_sequence FROM probes WHERE probe_id = ?")?;
+        let mut rows = stmt.query(params![probe_id])?;
+        Ok(match rows.next()? {
+            Some(row) => row.get(0)?,
+            None => 0,
+        })
+    }
+
+    fn append(
+        &self,
+        probe_id: &str,
+        sequence: u64,
+        events: &[RequestEvent],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        {
+            let mut app = tx.appender("events")?;
+            for e in events {
+                let attributes = if e.attributes.is_empty() {
+                    None
+                } else {
+                    serde_json::to_string(&e.attributes).ok()
+                };
+                app.append_row(params![
+                    probe_id,
+                    sequence,
+                    e.experiment,
+                    e.cohort,
+                    e.node,
+                    opt(&e.pod),
+                    opt(&e.container),
+                    e.pid,
+                    e.exe,
+                    e.role,
+                    e.protocol,
+                    e.method,
+                    opt(&e.route),
+                    e.path,
+                    e.status.map(i64::from),
+                    e.grpc_status,
+                    opt(&e.error),
+                    e.start_unix_ns,
+                    e.duration_ns,
+                    e.bytes_in,
+                    e.bytes_out,
+                    opt(&e.peer),
+                    opt(&e.request_id),
+                    opt(&e.traceparent),
+                    attributes,
+                ])?;
+            }
+            app.flush()?;
+        }
+        tx.execute(
+            "INSERT INTO probes VALUES (?, ?) ON CONFLICT (probe_id) DO UPDATE SET last_sequence = excluded.last_sequence",
+            params![probe_id, sequence],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn events(&self, filter: &Filter, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let (clause, values) = filter.to_sql()?;
+        let cols: Vec<String> = EVENT_COLUMNS
+            .iter()
+            .map(|c| {
+                if FIELDS.contains(c) || *c == "attributes" {
+                    format!("CAST({c} AS VARCHAR)")
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM events WHERE {clause} ORDER BY start_unix_ns DESC LIMIT {limit}",
+            cols.join(", ")
+        );
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(&sql)?;
+        let mut rows = stmt.query(duckdb::params_from_iter(values.iter()))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let mut m = StoredEvent::new();
+            for (i, c) in EVENT_COLUMNS.iter().enumerate() {
+                let v = if FIELDS.contains(c) || *c == "attributes" {
+                    match row.get::<_, Option<String>>(i)? {
+                        Some(s) if matches!(*c, "pid" | "status" | "grpc_status") => s
+                            .parse::<i64>()
+                            .map(Into::into)
+                            .unwrap_or(serde_json::Value::Null),
+                        Some(s) if *c == "attributes" => {
+                            serde_json::from_str(&s).unwrap_or(serde_json::Value::Null)
+                        }
+                        Some(s) => s.into(),
+                        None => serde_json::Value::Null,
+                    }
+                } else {
+                    row.get::<_, u64>(i)?.into()
+                };
+                m.insert(c.to_string(), v);
+            }
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    fn group(&self, filter: &Filter, by: &[String]) -> Result<Vec<GroupRow>, StoreError> {
+        let fields = group_fields(by)?;
+        let (clause, values) = filter.to_sql()?;
+        let keys: Vec<String> = fields
+            .iter()
+            .map(|f| format!("CAST({f} AS VARCHAR)"))
+            .collect();
+        let key_sql = if keys.is_empty() {
+            "NULL".to_string()
+        } else {
+            keys.join(", ")
+        };
+        let group_sql = if keys.is_empty() {
+            String::new()
+        } else {
+            format!("GROUP BY {}", keys.join(", "))
+        };
+        let sql = format!(
+            "SELECT {key_sql}, count(*), count(*) FILTER (WHERE status IS NULL OR status >= 500), \
+             quantile_cont(duration_ns, 0.5) / 1e6, quantile_cont(duration_ns, 0.9) / 1e6, \
+             quantile_cont(duration_ns, 0.99) / 1e6, coalesce(sum(bytes_out), 0)::UBIGINT \
+             FROM events WHERE {clause} {group_sql} ORDER BY count(*) DESC"
+        );
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(&sql)?;
+        let mut rows = stmt.query(duckdb::params_from_iter(values.iter()))?;
+        let n = keys.len().max(1);
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let requests: u64 = row.get(n)?;
+            if requests == 0 {
+                continue;
+            }
+            out.push(GroupRow {
+                key: (0..keys.len())
+                    .map(|i| row.get::<_, Option<String>>(i))
+                    .collect::<Result<_, _>>()?,
+                requests,
+                errors: row.get(n + 1)?,
+                p50_ms: row.get::<_, Option<f64>>(n + 2)?.unwrap_or(f64::NAN),
+                p90_ms: row.get::<_, Option<f64>>(n + 3)?.unwrap_or(f64::NAN),
+                p99_ms: row.get::<_, Option<f64>>(n + 4)?.unwrap_or(f64::NAN),
+                bytes_out: row.get(n + 5)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn delete_before(&self, unix_ns: u64) -> Result<u64, StoreError> {
+        let conn = self.conn()?;
+        let n = conn.execute(
+            "DELETE FROM events WHERE start_unix_ns < ?",
+            params![unix_ns],
+        )?;
+        Ok(n as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(cohort: &str, path: &str, status: Option<u32>, ms: u64) -> RequestEvent {
+        RequestEvent {
+            experiment: "e".into(),
+            cohort: cohort.into(),
+            path: path.into(),
+            status,
+            duration_ns: ms * 1_000_000,
+            start_unix_ns: 1_000 + ms,
+            bytes_out: 10,
+            ..RequestEvent::default()
+        }
+    }
+
+    fn store(name: &str) -> (DuckDbStore, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!(
+            "bakeoff-store-{name}-{}.duckdb",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(path.with_extension("duckdb.wal"));
+        (DuckDbStore::open(&path).unwrap(), path)
+    }
+
+    #[test]
+    fn append_query_group_and_sequences() {
+        let (s, path) = store("basic");
+        assert_eq!(s.last_sequence("p").unwrap(), 0);
+        s.append(
+            "p",
+            1,
+            &[
+                event("baseline", "/a", Some(200), 10),
+                event("canary", "/a", Some(500), 30),
+            ],
+        )
+        .unwrap();
+        s.append("p", 2, &[event("canary", "/b", None, 20)])
+            .unwrap();
+        assert_eq!(s.last_sequence("p").unwrap(), 2);
+        let rows = s
+            .events(&Filter::parse(&["cohort=canary".into()]).unwrap(), 10)
+            .unwrap();
+        assert_eq!(rows.len(), 2);
+        // Newest first: /a started at 1030, /b at 1020.
+        assert_eq!(rows[0]["path"], "/a");
+        assert_eq!(rows[0]["status"], 500);
+        assert_eq!(rows[1]["path"], "/b");
+        assert_eq!(rows[1]["status"], serde_json::Value::Null);
+        let groups = s.group(&Filter::default(), &["cohort".into()]).unwrap();
+        let canary = groups
+            .iter()
+            .find(|g| g.key[0].as_deref() == Some("canary"))
+            .unwrap();
+        assert_eq!((canary.requests, canary.errors), (2, 2));
+        assert!((canary.p50_ms - 25.0).abs() < 1e-9, "{}", canary.p50_ms);
+        assert_eq!(s.delete_before(1_015).unwrap(), 1);
+        drop(s);
+        // Reopening keeps everything and the sequence.
+        let s = DuckDbStore::open(&path).unwrap();
+        assert_eq!(s.last_sequence("p").unwrap(), 2);
+        assert_eq!(s.events(&Filter::default(), 10).unwrap().len(), 2);
+        let _ = std::fs::remove_file(&path);
+    }
+}

@@ -1,0 +1,40 @@
+//! Raw event storage. One trait, so the ingest and the API do not care which backend holds
+//! the events.
+
+pub mod duckdb;
+
+use bakeoff_proto::v1::RequestEvent;
+
+use crate::query::{Filter, GroupRow, QueryError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("DuckDB: {0}")]
+    DuckDb(#[from] ::duckdb::Error),
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    #[error("storage lock poisoned by an earlier panic")]
+    Poisoned,
+}
+
+/// A stored event as queries return it.
+pub type StoredEvent = serde_json::Map<String, serde_json::Value>;
+
+pub trait Store: Send + Sync + 'static {
+    /// Highest batch sequence stored for a probe (0 if none).
+    fn last_sequence(&self, probe_id: &str) -> Result<u64, StoreError>;
+    /// Stores a batch and its sequence atomically: after a crash either both are there or
+    /// neither, so a resent batch is stored exactly once.
+    fn append(
+        &self,
+        probe_id: &str,
+        sequence: u64,
+        events: &[RequestEvent],
+    ) -> Result<(), StoreError>;
+    /// Raw events matching `filter`, newest first.
+    fn events(&self, filter: &Filter, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Group-by `by` with counts, errors and latency quantiles, largest groups first.
+    fn group(&self, filter: &Filter, by: &[String]) -> Result<Vec<GroupRow>, StoreError>;
+    /// Deletes events that started before `unix_ns`; returns how many.
+    fn delete_before(&self, unix_ns: u64) -> Result<u64, StoreError>;
+}

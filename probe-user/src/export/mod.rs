@@ -1,0 +1,33 @@
+//! Where request events leave the probe: JSON lines (`output`) and the collector (`grpc`).
+
+pub mod grpc;
+pub mod spool;
+
+use bakeoff_proto::v1;
+
+use crate::event::RequestEvent;
+
+/// The wire form of an event.
+pub fn to_proto(e: &RequestEvent) -> v1::RequestEvent {
+    v1::RequestEvent {
+        experiment: e.experiment.clone(),
+        cohort: e.cohort.clone(),
+        node: e.node.clone(),
+        pid: e.pid,
+        exe: e.exe.clone(),
+        role: e.role.clone(),
+        protocol: e.protocol.clone(),
+        method: e.method.clone(),
+        path: e.path.clone(),
+        status: e.status.map(u32::from),
+        error: e.error.clone().unwrap_or_default(),
+        start_unix_ns: e.start_unix_ns,
+        duration_ns: e.duration_ns,
+        bytes_in: e.bytes_in,
+        bytes_out: e.bytes_out,
+        peer: e.peer.clone().unwrap_or_default(),
+        request_id: e.request_id.clone().unwrap_or_default(),
+        traceparent: e.traceparent.clone().unwrap_or_default(),
+        ..v1::RequestEvent::default()
+    }
+}

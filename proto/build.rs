@@ -1,0 +1,6 @@
+//! Generates the bakeoff.v1 code at build time (protoc from Debian's protobuf-compiler).
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/bakeoff/v1/ingest.proto"], &["proto"])?;
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! A `bakeoff serve` collector started by a test on loopback ports, and its HTTP API.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{Context as _, Result};
+
+use crate::process::{Guard, bin, free_port, wait_for_port};
+
+pub struct Collector {
+    pub guard: Guard,
+    pub grpc_port: u16,
+    pub http_port: u16,
+}
+
+impl Collector {
+    /// Starts a collector on new ports with its database in `dir`.
+    pub fn start(dir: &Path) -> Result<Self> {
+        Self::start_on(dir, free_port(), free_port())
+    }
+
+    /// Starts (or restarts) a collector on given ports.
+    pub fn start_on(dir: &Path, grpc_port: u16, http_port: u16) -> Result<Self> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("collector.log"))?;
+        let guard = Guard::spawn(
+            "bakeoff serve",
+            Command::new(bin("bakeoff")?)
+                .arg("serve")
+                .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
+                .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
+                .arg("--db")
+                .arg(dir.join("events.duckdb"))
+                .stdout(std::process::Stdio::null())
+                .stderr(log),
+        )?;
+        wait_for_port(http_port, Duration::from_secs(30))?;
+        wait_for_port(grpc_port, Duration::from_secs(30))?;
+        Ok(Self {
+            guard,
+            grpc_port,
+            http_port,
+        })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// GET a path of the HTTP API as JSON.
+    pub fn get(&self, path_and_query: &str) -> Result<serde_json::Value> {
+        get_json(&format!(
+            "http://127.0.0.1:{}{path_and_query}",
+            self.http_port
+        ))
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) -> Result<()> {
+        self.guard.child.kill()?;
+        self.guard.child.wait()?;
+        Ok(())
+    }
+}
+
+pub fn get_json(url: &str) -> Result<serde_json::Value> {
+    let mut resp = ureq::get(url)
+        .call()
+        .with_context(|| format!("GET {url}"))?;
+    resp.body_mut()
+        .read_json()
+        .with_context(|| format!("bad JSON from {url}"))
+}

@@ -1,0 +1,367 @@
+//! kernel -> probe -> collector over loopback, on the real kernel and a real DuckDB file:
+//! every request stored once with the probe's fields, across a collector SIGKILL and restart;
+//! drops counted exactly when the collector is away too long; bad streams refused clearly.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use bakeoff_proto::v1::{
+    EventBatch, IngestRequest, ProbeHello, RequestEvent, ingest_client::IngestClient,
+    ingest_request::Message,
+};
+use bakeoff_testkit::{
+    cgroup::Cgroup,
+    client::{Conn, Request},
+    collector::Collector,
+    process::{Guard, bin, free_port, wait_for, wait_for_port},
+};
+
+fn scratch(name: &str) -> Result<PathBuf> {
+    let dir = PathBuf::from(format!("/tmp/bakeoff-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A test server in its own cgroup (the canary cohort).
+fn canary_server(cg: &Cgroup) -> Result<(Guard, u16)> {
+    let port = free_port();
+    let g = Guard::shell(
+        "canary test server",
+        &format!(
+            "{}{} --port {port}",
+            cg.exec_prefix(),
+            bin("bakeoff-testserver")?.display()
+        ),
+        &[],
+    )?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    Ok((g, port))
+}
+
+fn probe(dir: &Path, cg: &Cgroup, extra: &[&str]) -> Result<Guard> {
+    let ready = dir.join("ready");
+    let g = Guard::spawn(
+        "bakeoff-probe",
+        Command::new(bin("bakeoff-probe")?)
+            .args(["--experiment", "collector-it"])
+            .arg("--cohort")
+            .arg(format!("canary=cgroup:{}", cg.path().display()))
+            .arg("--stats-file")
+            .arg(dir.join("probe-stats.json"))
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("probe.log"))?),
+    )?;
+    wait_for("probe ready", Duration::from_secs(60), || ready.exists())?;
+    Ok(g)
+}
+
+fn send(port: u16, prefix: &str, range: std::ops::Range<usize>) -> Result<Vec<String>> {
+    let mut conn = Conn::connect(port)?;
+    range
+        .map(|i| {
+            let id = format!("{prefix}-{i}");
+            let path = ["/", "/bytes/100", "/status/503"][i % 3];
+            conn.request(&Request::get(path, &id))?;
+            Ok(id)
+        })
+        .collect()
+}
+
+fn stats(dir: &Path) -> Result<serde_json::Value> {
+    Ok(serde_json::from_slice(&std::fs::read(
+        dir.join("probe-stats.json"),
+    )?)?)
+}
+
+#[test]
+fn events_survive_a_collector_kill_and_are_stored_exactly_once() -> Result<()> {
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "run as root (cargo xtask test)"
+    );
+    let dir = scratch("coll-e2e")?;
+    let cg = Cgroup::create(&format!("bakeoff-coll-e2e-{}", std::process::id()))?;
+    let (_server, port) = canary_server(&cg)?;
+    let mut collector = Collector::start(&dir)?;
+    let jsonl = dir.join("events.jsonl");
+    let mut probe = probe(
+        &dir,
+        &cg,
+        &[
+            "--collector",
+            &collector.endpoint(),
+            "--batch-size",
+            "7",
+            "--spool-dir",
+            dir.join("spool").to_str().context("path")?,
+            "--output",
+            jsonl.to_str().context("path")?,
+        ],
+    )?;
+    let mut ids = send(port, "k", 0..40)?;
+    // Give the first batches time to be acknowledged, then kill the collector mid-stream.
+    std::thread::sleep(Duration::from_millis(800));
+    collector.kill()?;
+    ids.extend(send(port, "k", 40..70)?);
+    std::thread::sleep(Duration::from_millis(500));
+    let collector = Collector::start_on(&dir, collector.grpc_port, collector.http_port)?;
+    ids.extend(send(port, "k", 70..100)?);
+    std::thread::sleep(Duration::from_millis(500));
+    let status = probe.stop(Duration::from_secs(30))?;
+    ensure!(
+        status.success(),
+        "probe failed: {}",
+        std::fs::read_to_string(dir.join("probe.log"))?
+    );
+
+    let stored = collector.get("/api/v1/events?experiment=collector-it&limit=10000")?;
+    let stored = stored.as_array().context("events array")?;
+    let mut by_id: HashMap<&str, Vec<&serde_json::Value>> = HashMap::new();
+    for e in stored {
+        by_id
+            .entry(e["request_id"].as_str().unwrap_or(""))
+            .or_default()
+            .push(e);
+    }
+    let local: Vec<serde_json::Value> = std::fs::read_to_string(&jsonl)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    ensure!(
+        local.len() == ids.len(),
+        "probe wrote {} events for {} requests",
+        local.len(),
+        ids.len()
+    );
+    for e in &local {
+        let id = e["request_id"].as_str().context("request id")?;
+        let got = by_id.get(id).map(Vec::as_slice).unwrap_or_default();
+        ensure!(got.len() == 1, "request {id} stored {} times", got.len());
+        let s = got[0];
+        for field in [
+            "cohort",
+            "method",
+            "path",
+            "status",
+            "duration_ns",
+            "bytes_in",
+            "bytes_out",
+            "pid",
+            "exe",
+            "peer",
+            "start_unix_ns",
+        ] {
+            ensure!(
+                s[field] == e[field],
+                "{id}: stored {field} {} != probe's {}",
+                s[field],
+                e[field]
+            );
+        }
+    }
+    ensure!(
+        stored.len() == ids.len(),
+        "{} stored for {} requests",
+        stored.len(),
+        ids.len()
+    );
+
+    // Group-by from the query API agrees with what was sent.
+    let groups = collector.get("/api/v1/groups?by=cohort,path&experiment=collector-it")?;
+    let errors: u64 = groups
+        .as_array()
+        .context("groups")?
+        .iter()
+        .filter(|g| g["key"][1] == "/status/503")
+        .map(|g| g["errors"].as_u64().unwrap_or(0))
+        .sum();
+    ensure!(
+        errors == 33,
+        "503s counted as errors: {errors} (groups: {groups})"
+    );
+    let s = stats(&dir)?;
+    ensure!(
+        s["export"]["dropped_spool_full"] == 0 && s["export"]["dropped_channel_full"] == 0,
+        "{s}"
+    );
+    ensure!(s["export"]["reconnects"].as_u64() >= Some(2), "{s}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[test]
+fn a_collector_away_too_long_costs_an_exactly_counted_number_of_events() -> Result<()> {
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "run as root (cargo xtask test)"
+    );
+    let dir = scratch("coll-drop")?;
+    let cg = Cgroup::create(&format!("bakeoff-coll-drop-{}", std::process::id()))?;
+    let (_server, port) = canary_server(&cg)?;
+    let (grpc_port, http_port) = (free_port(), free_port());
+    // No collector yet; memory for two batches of five, no spool.
+    let mut probe = probe(
+        &dir,
+        &cg,
+        &[
+            "--collector",
+            &format!("http://127.0.0.1:{grpc_port}"),
+            "--batch-size",
+            "5",
+            "--queue-batches",
+            "2",
+        ],
+    )?;
+    let sent = send(port, "d", 0..60)?.len() as u64;
+    std::thread::sleep(Duration::from_millis(600));
+    let collector = Collector::start_on(&dir, grpc_port, http_port)?;
+    // The probe reconnects (backoff is at most 10 s), delivers what it kept, and reports health.
+    wait_for("health from the probe", Duration::from_secs(30), || {
+        collector
+            .get("/api/v1/ingest")
+            .is_ok_and(|v| v["probes"].as_object().is_some_and(|p| !p.is_empty()))
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    probe.stop(Duration::from_secs(30))?;
+    let s = stats(&dir)?;
+    let dropped = s["export"]["dropped_spool_full"]
+        .as_u64()
+        .context("dropped")?;
+    let stored = collector.get("/api/v1/events?experiment=collector-it&limit=10000")?;
+    let stored = stored.as_array().context("events")?.len() as u64;
+    ensure!(dropped > 0, "nothing dropped: {s}");
+    ensure!(
+        stored + dropped == sent,
+        "stored {stored} + dropped {dropped} != sent {sent}"
+    );
+    let ingest = collector.get("/api/v1/ingest")?;
+    let health = ingest["probes"]
+        .as_object()
+        .context("probes")?
+        .values()
+        .next()
+        .context("one probe")?;
+    ensure!(
+        health["dropped_events"]["spool_full"].as_u64() == Some(dropped),
+        "health says {} dropped, the probe {dropped}",
+        health["dropped_events"]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn hello(id: &str, version: u32) -> IngestRequest {
+    IngestRequest {
+        message: Some(Message::Hello(ProbeHello {
+            probe_id: id.into(),
+            protocol_version: version,
+            ..ProbeHello::default()
+        })),
+    }
+}
+
+fn batch(seq: u64, n: usize, path_len: usize) -> IngestRequest {
+    IngestRequest {
+        message: Some(Message::Batch(EventBatch {
+            sequence: seq,
+            events: (0..n)
+                .map(|i| RequestEvent {
+                    experiment: "raw".into(),
+                    cohort: "canary".into(),
+                    path: format!("/{i}{}", "x".repeat(path_len)),
+                    status: Some(200),
+                    ..RequestEvent::default()
+                })
+                .collect(),
+        })),
+    }
+}
+
+#[test]
+fn bad_streams_get_clear_statuses_and_do_not_disturb_others() -> Result<()> {
+    let dir = scratch("coll-bad")?;
+    let collector = Collector::start(&dir)?;
+    let endpoint = collector.endpoint();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let mut good = IngestClient::connect(endpoint.clone()).await?;
+        let (good_tx, rx) = tokio::sync::mpsc::channel(8);
+        good_tx.send(hello("good", 1)).await?;
+        good_tx.send(batch(1, 3, 0)).await?;
+        let mut acks = good
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        // Acks: the resume point (0), then 1.
+        ensure!(acks.message().await?.map(|a| a.stored_sequence) == Some(0));
+        ensure!(acks.message().await?.map(|a| a.stored_sequence) == Some(1));
+
+        let call = |msgs: Vec<IngestRequest>| {
+            let endpoint = endpoint.clone();
+            async move {
+                let mut c = IngestClient::connect(endpoint)
+                    .await?
+                    .max_encoding_message_size(64 << 20);
+                let result = match c.stream(tokio_stream::iter(msgs)).await {
+                    Err(status) => Err(status),
+                    Ok(resp) => {
+                        let mut s = resp.into_inner();
+                        loop {
+                            match s.message().await {
+                                Ok(Some(_)) => continue,
+                                Ok(None) => break Ok(()),
+                                Err(status) => break Err(status),
+                            }
+                        }
+                    }
+                };
+                anyhow::Ok(result)
+            }
+        };
+        let no_hello = call(vec![batch(1, 1, 0)]).await?.unwrap_err();
+        ensure!(
+            no_hello.code() == tonic::Code::InvalidArgument,
+            "{no_hello:?}"
+        );
+        ensure!(no_hello.message().contains("ProbeHello"), "{no_hello:?}");
+        let version = call(vec![hello("v99", 99)]).await?.unwrap_err();
+        ensure!(
+            version.code() == tonic::Code::FailedPrecondition,
+            "{version:?}"
+        );
+        ensure!(version.message().contains("version 99"), "{version:?}");
+        let oversized = call(vec![hello("big", 1), batch(1, 20, 1 << 20)])
+            .await?
+            .unwrap_err();
+        // tonic reports a message above the limit as OUT_OF_RANGE ("... length too large").
+        ensure!(
+            matches!(
+                oversized.code(),
+                tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+            ) && oversized.message().contains("too large"),
+            "{oversized:?}"
+        );
+
+        // The good stream still works, and a resent batch is not stored twice.
+        good_tx.send(batch(2, 2, 0)).await?;
+        ensure!(acks.message().await?.map(|a| a.stored_sequence) == Some(2));
+        good_tx.send(batch(2, 2, 0)).await?;
+        ensure!(acks.message().await?.map(|a| a.stored_sequence) == Some(2));
+        anyhow::Ok(())
+    })?;
+    let stored = collector.get("/api/v1/events?probe_id=good&limit=100")?;
+    ensure!(stored.as_array().map(Vec::len) == Some(5), "{stored}");
+    let none = collector.get("/api/v1/events?probe_id=big&limit=100")?;
+    ensure!(none.as_array().map(Vec::len) == Some(0), "{none}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
