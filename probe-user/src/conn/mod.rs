@@ -129,14 +129,6 @@ impl ConnTable {
         Self::default()
     }
 
-    pub fn len(&self) -> usize {
-        self.conns.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
-    }
-
     /// A socket was accepted or connected (or found at start, `seeded`). A previous connection on
     /// the same fd is closed first (its close event may have been lost).
     pub fn open(

@@ -228,7 +228,10 @@ async fn run(
             }
             return;
         }
-        let unsent = stream.as_ref().and_then(|s| spool.next_after(s.sent_upto));
+        // Only whether there is something to send; the batch is fetched once a slot is free.
+        let unsent = stream
+            .as_ref()
+            .is_some_and(|s| spool.has_after(s.sent_upto));
         let connected = stream.is_some();
         let (tx, acks) = match &mut stream {
             Some(s) => (Some(s.tx.clone()), Some(&mut s.acks)),
@@ -246,12 +249,14 @@ async fn run(
             },
             _ = flush.tick() => seal(&mut current, &mut spool, &mut next_seq),
             permit = async {
-                match (&tx, &unsent) {
-                    (Some(tx), Some(_)) => tx.reserve().await.ok(),
+                match &tx {
+                    Some(tx) if unsent => tx.reserve().await.ok(),
                     _ => std::future::pending().await,
                 }
             } => {
-                if let (Some(permit), Some(batch), Some(s)) = (permit, unsent, stream.as_mut()) {
+                if let (Some(permit), Some(s)) = (permit, stream.as_mut())
+                    && let Some(batch) = spool.next_after(s.sent_upto)
+                {
                     s.sent_upto = batch.sequence;
                     permit.send(IngestRequest { message: Some(Message::Batch(batch)) });
                     stats.batches_sent.fetch_add(1, Ordering::Relaxed);

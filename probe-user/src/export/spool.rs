@@ -186,6 +186,12 @@ impl Spool {
         }
     }
 
+    /// Whether some batch has a sequence above `after` (cheap: no copy, no disk read).
+    pub fn has_after(&self, after: u64) -> bool {
+        self.disk.range(after + 1..).next().is_some()
+            || self.memory.back().is_some_and(|b| b.sequence > after)
+    }
+
     /// The first batch with a sequence above `after`, oldest first (disk, then memory).
     pub fn next_after(&self, after: u64) -> Option<EventBatch> {
         if let Some((&seq, d)) = self.disk.range(after + 1..).next() {
@@ -266,6 +272,9 @@ mod tests {
             .map(|b| b.sequence)
             .collect();
         assert_eq!(order, vec![1, 2, 3, 4, 5]);
+        // has_after sees both the spooled (1..3) and the in-memory (4, 5) batches.
+        assert!(s.has_after(0) && s.has_after(2) && s.has_after(4));
+        assert!(!s.has_after(5));
         assert_eq!(s.next_after(1).unwrap().events[2].path, "/2/2");
         s.ack(2);
         drop(s);

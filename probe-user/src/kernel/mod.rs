@@ -244,11 +244,6 @@ impl Kernel {
         let _ = self.tgids.remove(&tgid);
     }
 
-    /// Number of processes in cohorts by tgid.
-    pub fn tgid_count(&self) -> usize {
-        self.tgids.keys().count()
-    }
-
     /// Replaces the cgroup-id cohort map with `ids`.
     pub fn set_cgroups(&mut self, ids: &[(u64, u32)]) -> Result<(), KernelError> {
         let stale: Vec<u64> = self

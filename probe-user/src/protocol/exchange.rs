@@ -383,7 +383,7 @@ mod tests {
             check(&pairs, &done, &anomalies)?;
         }
 
-        /// Random bytes never panic, and never produce more exchanges than requests started.
+        /// Random bytes and gaps, on either side, never panic (a fuzz-style property).
         #[test]
         fn garbage_is_survived(
             chunks in prop::collection::vec((any::<bool>(), prop::collection::vec(any::<u8>(), 0..200), 0u64..500), 0..30)

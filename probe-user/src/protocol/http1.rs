@@ -144,16 +144,6 @@ impl MessageParser {
         }
     }
 
-    /// True between messages (nothing of a message is pending).
-    pub fn is_idle(&self) -> bool {
-        self.state == State::Idle
-    }
-
-    /// True when the parser skips bytes until the next segment.
-    pub fn is_lost(&self) -> bool {
-        self.state == State::Lost
-    }
-
     /// Drops all framing: used when events were lost.
     pub fn reset_lost(&mut self) {
         self.buf.clear();
