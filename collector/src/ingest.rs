@@ -15,6 +15,7 @@ use bakeoff_proto::{
     PROTOCOL_VERSION,
     v1::{IngestAck, IngestRequest, ProbeHealth, ingest_request::Message, ingest_server::Ingest},
 };
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -26,8 +27,8 @@ pub const MAX_BATCH_EVENTS: usize = 100_000;
 /// Largest message accepted, in bytes (tonic answers RESOURCE_EXHAUSTED above it).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
-/// Counters of the ingest, for the API and logs.
-#[derive(Debug, Default)]
+/// Counters of the ingest, for the API, `/metrics` and logs.
+#[derive(Debug)]
 pub struct IngestStats {
     pub events_stored: AtomicU64,
     pub batches_stored: AtomicU64,
@@ -35,6 +36,21 @@ pub struct IngestStats {
     pub streams_refused: AtomicU64,
     /// Latest health report per probe id.
     pub health: Mutex<HashMap<String, ProbeHealth>>,
+    /// Seconds to store one batch (append + sequence, durably).
+    pub store_seconds: Histogram,
+}
+
+impl Default for IngestStats {
+    fn default() -> Self {
+        Self {
+            events_stored: AtomicU64::default(),
+            batches_stored: AtomicU64::default(),
+            batches_duplicate: AtomicU64::default(),
+            streams_refused: AtomicU64::default(),
+            health: Mutex::default(),
+            store_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
+        }
+    }
 }
 
 pub struct IngestService {
@@ -145,8 +161,10 @@ impl Ingest for IngestService {
                                 batch.sequence,
                                 batch.events.len(),
                             );
+                            let started = std::time::Instant::now();
                             match blocking(move || store.append(&p, seq, &batch.events)).await {
                                 Ok(()) => {
+                                    stats.store_seconds.observe(started.elapsed().as_secs_f64());
                                     last = seq;
                                     stats.batches_stored.fetch_add(1, Ordering::Relaxed);
                                     stats.events_stored.fetch_add(n as u64, Ordering::Relaxed);

@@ -3,5 +3,6 @@
 
 pub mod api;
 pub mod ingest;
+pub mod metrics;
 pub mod query;
 pub mod store;

@@ -7,7 +7,7 @@ use bakeoff_collector::{
     api::http::{ApiState, router},
     ingest::{IngestService, IngestStats, MAX_MESSAGE_BYTES},
     query::{Filter, GroupRow},
-    store::{Store, duckdb::DuckDbStore},
+    store::{Store, clickhouse::ClickHouseStore, duckdb::DuckDbStore},
 };
 use bakeoff_proto::v1::ingest_server::IngestServer;
 use clap::{Parser, Subcommand};
@@ -33,9 +33,15 @@ enum Cmd {
         /// HTTP API address.
         #[arg(long, env = "BAKEOFF_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
         http_listen: SocketAddr,
-        /// DuckDB file holding the raw events.
+        /// DuckDB file holding the raw events (the default backend).
         #[arg(long, env = "BAKEOFF_DB", default_value = "bakeoff.duckdb")]
         db: PathBuf,
+        /// Store in ClickHouse instead, at this HTTP URL (e.g. http://127.0.0.1:8123).
+        #[arg(long, env = "BAKEOFF_CLICKHOUSE_URL")]
+        clickhouse: Option<String>,
+        /// ClickHouse database for the `events` table (created if missing).
+        #[arg(long, env = "BAKEOFF_CLICKHOUSE_DATABASE", default_value = "bakeoff")]
+        clickhouse_database: String,
         /// Delete events older than this many hours (0 keeps everything).
         #[arg(long, env = "BAKEOFF_RETENTION_HOURS", default_value_t = 168)]
         retention_hours: u64,
@@ -74,8 +80,19 @@ fn main() {
             grpc_listen,
             http_listen,
             db,
+            clickhouse,
+            clickhouse_database,
             retention_hours,
-        } => serve(grpc_listen, http_listen, db, retention_hours),
+        } => {
+            let backend = match clickhouse {
+                Some(url) => Backend::ClickHouse {
+                    url,
+                    database: clickhouse_database,
+                },
+                None => Backend::DuckDb(db),
+            };
+            serve(grpc_listen, http_listen, backend, retention_hours)
+        }
         Cmd::Events {
             api,
             filters,
@@ -90,10 +107,36 @@ fn main() {
     }
 }
 
-fn serve(grpc: SocketAddr, http: SocketAddr, db: PathBuf, retention_hours: u64) -> Result<()> {
-    let store: Arc<dyn Store> = Arc::new(
-        DuckDbStore::open(&db).with_context(|| format!("cannot open database {}", db.display()))?,
-    );
+/// Where events are stored.
+enum Backend {
+    DuckDb(PathBuf),
+    ClickHouse { url: String, database: String },
+}
+
+impl Backend {
+    fn open(&self) -> Result<Arc<dyn Store>> {
+        Ok(match self {
+            Backend::DuckDb(db) => Arc::new(
+                DuckDbStore::open(db)
+                    .with_context(|| format!("cannot open database {}", db.display()))?,
+            ),
+            Backend::ClickHouse { url, database } => Arc::new(
+                ClickHouseStore::open(url, database)
+                    .with_context(|| format!("cannot use ClickHouse at {url}"))?,
+            ),
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Backend::DuckDb(db) => format!("duckdb:{}", db.display()),
+            Backend::ClickHouse { url, database } => format!("clickhouse:{url}/{database}"),
+        }
+    }
+}
+
+fn serve(grpc: SocketAddr, http: SocketAddr, backend: Backend, retention_hours: u64) -> Result<()> {
+    let store = backend.open()?;
     let stats = Arc::new(IngestStats::default());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -109,10 +152,11 @@ fn serve(grpc: SocketAddr, http: SocketAddr, db: PathBuf, retention_hours: u64) 
         let app = router(ApiState {
             store: store.clone(),
             stats: stats.clone(),
+            metrics: Arc::new(bakeoff_collector::metrics::registry(stats.clone())),
         });
         let ingest = IngestServer::new(IngestService::new(store.clone(), stats.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        tracing::info!(%grpc, %http, db = %db.display(), "collector ready");
+        tracing::info!(%grpc, %http, store = backend.describe(), "collector ready");
         if retention_hours > 0 {
             let store = store.clone();
             tokio::spawn(async move {

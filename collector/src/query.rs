@@ -76,14 +76,32 @@ impl Filter {
         Ok(())
     }
 
-    /// A WHERE clause with `?` placeholders, and the values to bind in order.
+    /// A WHERE clause with `?` placeholders, and the values to bind in order (DuckDB).
     pub fn to_sql(&self) -> Result<(String, Vec<String>), QueryError> {
-        let mut clauses = vec!["TRUE".to_string()];
         let mut values = Vec::new();
+        let clause = self.where_clause(|column, value| {
+            values.push(value.to_string());
+            format!("CAST({column} AS VARCHAR) = ?")
+        })?;
+        Ok((clause, values))
+    }
+
+    /// A WHERE clause with the values inlined as escaped literals, for ClickHouse's HTTP
+    /// interface (18.x has no bound parameters).
+    pub fn to_clickhouse_sql(&self) -> Result<String, QueryError> {
+        self.where_clause(|column, value| {
+            format!("toString({column}) = {}", clickhouse_quote(value))
+        })
+    }
+
+    /// Field names come from `FIELDS`; `equals` renders one comparison of a column's text.
+    fn where_clause(
+        &self,
+        mut equals: impl FnMut(&str, &str) -> String,
+    ) -> Result<String, QueryError> {
+        let mut clauses = vec!["1 = 1".to_string()];
         for (k, v) in &self.equals {
-            // Text comparison works for every column and keeps the binding uniform.
-            clauses.push(format!("CAST({} AS VARCHAR) = ?", field(k)?));
-            values.push(v.clone());
+            clauses.push(equals(field(k)?, v));
         }
         if let Some(s) = self.since_unix_ns {
             clauses.push(format!("start_unix_ns >= {s}"));
@@ -91,8 +109,24 @@ impl Filter {
         if let Some(u) = self.until_unix_ns {
             clauses.push(format!("start_unix_ns < {u}"));
         }
-        Ok((clauses.join(" AND "), values))
+        Ok(clauses.join(" AND "))
     }
+}
+
+/// A ClickHouse string literal: backslash and quote escaped, so any value is data, never SQL.
+pub fn clickhouse_quote(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('\'');
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("\\'"),
+            '\0' => out.push_str("\\0"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
 }
 
 /// Group-by fields, validated.
@@ -123,7 +157,7 @@ mod tests {
         let (sql, values) = f.to_sql().unwrap();
         assert_eq!(
             sql,
-            "TRUE AND CAST(cohort AS VARCHAR) = ? AND CAST(status AS VARCHAR) = ?"
+            "1 = 1 AND CAST(cohort AS VARCHAR) = ? AND CAST(status AS VARCHAR) = ?"
         );
         assert_eq!(values, vec!["canary", "500"]);
         assert_eq!(
@@ -135,5 +169,10 @@ mod tests {
             Err(QueryError::BadFilter(_))
         ));
         assert!(group_fields(&["path".into(), "nope".into()]).is_err());
+        let f = Filter::parse(&[r"path=/a'b\c".into()]).unwrap();
+        assert_eq!(
+            f.to_clickhouse_sql().unwrap(),
+            r"1 = 1 AND toString(path) = '/a\'b\\c'"
+        );
     }
 }

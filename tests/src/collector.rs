@@ -10,6 +10,8 @@ pub struct Collector {
     pub guard: Guard,
     pub grpc_port: u16,
     pub http_port: u16,
+    /// Arguments choosing the store (and anything else), kept for restarts.
+    pub args: Vec<String>,
 }
 
 impl Collector {
@@ -18,8 +20,18 @@ impl Collector {
         Self::start_on(dir, free_port(), free_port())
     }
 
-    /// Starts (or restarts) a collector on given ports.
+    /// Starts (or restarts) a collector on given ports, DuckDB in `dir`.
     pub fn start_on(dir: &Path, grpc_port: u16, http_port: u16) -> Result<Self> {
+        Self::start_with(dir, grpc_port, http_port, &[])
+    }
+
+    /// Starts the same collector again (same ports, same arguments) after `kill`.
+    pub fn restart(&self, dir: &Path) -> Result<Self> {
+        Self::start_with(dir, self.grpc_port, self.http_port, &self.args)
+    }
+
+    /// Starts a collector with extra arguments, e.g. `--clickhouse URL`.
+    pub fn start_with(dir: &Path, grpc_port: u16, http_port: u16, args: &[String]) -> Result<Self> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -32,6 +44,7 @@ impl Collector {
                 .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
                 .arg("--db")
                 .arg(dir.join("events.duckdb"))
+                .args(args)
                 .stdout(std::process::Stdio::null())
                 .stderr(log),
         )?;
@@ -41,6 +54,7 @@ impl Collector {
             guard,
             grpc_port,
             http_port,
+            args: args.to_vec(),
         })
     }
 

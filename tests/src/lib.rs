@@ -3,6 +3,7 @@
 //! servers. Everything talks to loopback only and every loop is bounded.
 
 pub mod cgroup;
+pub mod clickhouse;
 pub mod client;
 pub mod collector;
 pub mod process;

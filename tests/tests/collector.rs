@@ -16,6 +16,7 @@ use bakeoff_proto::v1::{
 };
 use bakeoff_testkit::{
     cgroup::Cgroup,
+    clickhouse::ClickHouse,
     client::{Conn, Request},
     collector::Collector,
     process::{Guard, bin, free_port, wait_for, wait_for_port},
@@ -84,14 +85,34 @@ fn stats(dir: &Path) -> Result<serde_json::Value> {
 
 #[test]
 fn events_survive_a_collector_kill_and_are_stored_exactly_once() -> Result<()> {
+    survive_a_kill("coll-e2e", false)
+}
+
+#[test]
+fn events_survive_a_collector_kill_with_clickhouse_storage() -> Result<()> {
+    survive_a_kill("coll-e2e-ch", true)
+}
+
+/// The same run against either backend; with ClickHouse the server keeps running while the
+/// collector in front of it is killed and restarted.
+fn survive_a_kill(name: &str, clickhouse: bool) -> Result<()> {
     ensure!(
         unsafe { libc::geteuid() } == 0,
         "run as root (cargo xtask test)"
     );
-    let dir = scratch("coll-e2e")?;
-    let cg = Cgroup::create(&format!("bakeoff-coll-e2e-{}", std::process::id()))?;
+    let dir = scratch(name)?;
+    let cg = Cgroup::create(&format!("bakeoff-{name}-{}", std::process::id()))?;
     let (_server, port) = canary_server(&cg)?;
-    let mut collector = Collector::start(&dir)?;
+    let ch = if clickhouse {
+        Some(ClickHouse::start(&dir)?)
+    } else {
+        None
+    };
+    let args: Vec<String> = match &ch {
+        Some(ch) => vec!["--clickhouse".into(), ch.url()],
+        None => vec![],
+    };
+    let mut collector = Collector::start_with(&dir, free_port(), free_port(), &args)?;
     let jsonl = dir.join("events.jsonl");
     let mut probe = probe(
         &dir,
@@ -113,7 +134,7 @@ fn events_survive_a_collector_kill_and_are_stored_exactly_once() -> Result<()> {
     collector.kill()?;
     ids.extend(send(port, "k", 40..70)?);
     std::thread::sleep(Duration::from_millis(500));
-    let collector = Collector::start_on(&dir, collector.grpc_port, collector.http_port)?;
+    let collector = collector.restart(&dir)?;
     ids.extend(send(port, "k", 70..100)?);
     std::thread::sleep(Duration::from_millis(500));
     let status = probe.stop(Duration::from_secs(30))?;
@@ -194,6 +215,8 @@ fn events_survive_a_collector_kill_and_are_stored_exactly_once() -> Result<()> {
         "{s}"
     );
     ensure!(s["export"]["reconnects"].as_u64() >= Some(2), "{s}");
+    drop(collector);
+    drop(ch);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Installs what building and testing need, idempotently and quietly when all is present:
-//! nightly `rust-src`, `bpf-linker` built on the nightly's own libLLVM, tracefs, Debian packages.
+//! nightly `rust-src`, `bpf-linker` built on the nightly's own libLLVM, tracefs, Debian packages,
+//! and a prebuilt libduckdb.
 
 use std::{
     path::{Path, PathBuf},
@@ -14,7 +15,15 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("wrk", "/usr/bin/wrk"),
     ("procps", "/usr/bin/pgrep"),
     ("protobuf-compiler", "/usr/bin/protoc"),
+    ("clickhouse-server", "/usr/sbin/clickhouse-server"),
 ];
+
+/// Where the prebuilt libduckdb goes; `.cargo/config.toml` points DUCKDB_LIB_DIR here.
+const DUCKDB_LIB_DIR: &str = "/var/tmp/bakeoff-duckdb/1.5.6";
+
+/// DuckDB's own release build of libduckdb.so (C API), as published on the npm registry for its
+/// Node bindings; must match the C API the `duckdb` crate (=1.10506.x) was generated from.
+const DUCKDB_NPM_PACKAGE: &str = "@duckdb/node-bindings-linux-x64@1.5.6-r.1";
 
 /// Where the libLLVM symlinks for building bpf-linker live (outside the clone).
 const LLVM_PREFIX: &str = "/var/tmp/bakeoff-llvm";
@@ -48,6 +57,7 @@ pub fn bootstrap() -> Result<()> {
     bpf_linker()?;
     tracefs()?;
     debian_packages()?;
+    libduckdb()?;
     Ok(())
 }
 
@@ -169,4 +179,53 @@ fn debian_packages() -> Result<()> {
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing),
     )
+}
+
+/// Fetches libduckdb.so so the collector links it instead of compiling DuckDB's C++ (~30 min
+/// here). npm checks the package's integrity hash from the registry.
+fn libduckdb() -> Result<()> {
+    let dir = Path::new(DUCKDB_LIB_DIR);
+    let lib = dir.join("libduckdb.so");
+    if lib.exists() {
+        return Ok(());
+    }
+    if !Path::new("/usr/bin/npm").exists()
+        && output(Command::new("sh").args(["-c", "command -v npm"])).is_err()
+    {
+        run(
+            "apt-get install npm",
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-qq", "--no-install-recommends", "npm"]),
+        )?;
+    }
+    let staging = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging)
+        .with_context(|| format!("cannot create {}", staging.display()))?;
+    run(
+        &format!("npm pack {DUCKDB_NPM_PACKAGE} (prebuilt libduckdb)"),
+        Command::new("npm")
+            .args(["pack", "--silent", DUCKDB_NPM_PACKAGE, "--pack-destination"])
+            .arg(&staging)
+            .stdout(std::process::Stdio::null()),
+    )?;
+    let tarball = std::fs::read_dir(&staging)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "tgz"))
+        .with_context(|| format!("npm pack left no .tgz in {}", staging.display()))?;
+    run(
+        "unpack libduckdb.so",
+        Command::new("tar")
+            .arg("-xzf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&staging)
+            .args(["--strip-components=1", "package/libduckdb.so"]),
+    )?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::rename(staging.join("libduckdb.so"), &lib)
+        .with_context(|| format!("cannot move libduckdb.so into {}", dir.display()))?;
+    let _ = std::fs::remove_dir_all(&staging);
+    Ok(())
 }

@@ -24,12 +24,8 @@ enum Cmd {
     Build,
     /// Run every test: unit, property and real-kernel integration tests (needs root).
     Test,
-    /// cargo fmt --check and clippy -D warnings. Without `--all` the collector is left out:
-    /// clippy recompiles DuckDB's C++ (about half an hour on 2 cores) the first time.
-    Lint {
-        #[arg(long)]
-        all: bool,
-    },
+    /// cargo fmt --check and clippy -D warnings over the workspace.
+    Lint,
     /// A baseline and a canary service under load, watched by the probe.
     Demo {
         /// Seconds of load.
@@ -141,22 +137,18 @@ fn main() -> Result<()> {
             }
             test(&bins)
         }
-        Cmd::Lint { all } => {
+        Cmd::Lint => {
             run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-            let mut clippy = cargo();
-            clippy.args(["clippy", "--release", "--all-targets"]);
-            if !all {
-                for p in [
-                    "probe-common",
-                    "probe-user",
-                    "bakeoff-proto",
-                    "xtask",
-                    "integration-tests",
-                ] {
-                    clippy.args(["-p", p]);
-                }
-            }
-            run(clippy.args(["--", "-D", "warnings"]))
+            // clippy runs the build scripts: the probe's needs bpf-linker, the collector libduckdb.
+            bootstrap::bootstrap()?;
+            run(cargo().args([
+                "clippy",
+                "--release",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))
         }
         Cmd::Demo { seconds } => {
             let bins = build(true)?;

@@ -4,6 +4,7 @@
 //! - `GET /api/v1/events?FIELD=VALUE&...&limit=N`: raw events, newest first
 //! - `GET /api/v1/groups?by=FIELD,FIELD&FIELD=VALUE...`: counts, errors, p50/p90/p99
 //! - `GET /api/v1/ingest`: ingest counters and each probe's last health report
+//! - `GET /metrics`: Prometheus (OpenMetrics text)
 //! - `GET /healthz`
 
 use std::{collections::HashMap, sync::Arc, sync::atomic::Ordering};
@@ -26,11 +27,13 @@ use crate::{
 pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub stats: Arc<IngestStats>,
+    pub metrics: Arc<prometheus_client::registry::Registry>,
 }
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .route("/api/v1/experiments", get(experiments))
         .route("/api/v1/events", get(events))
         .route("/api/v1/groups", get(groups))
@@ -144,4 +147,22 @@ async fn ingest(State(s): State<ApiState>) -> impl IntoResponse {
         "streams_refused": g(&s.stats.streams_refused),
         "probes": health,
     }))
+}
+
+async fn metrics(State(s): State<ApiState>) -> Response {
+    match crate::metrics::render(&s.metrics) {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::metrics::CONTENT_TYPE,
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot encode metrics".into(),
+        )
+        .into_response(),
+    }
 }

@@ -6,7 +6,7 @@ use std::{path::Path, sync::Mutex};
 use bakeoff_proto::v1::RequestEvent;
 use duckdb::{Connection, params};
 
-use super::{Store, StoreError, StoredEvent};
+use super::{EVENT_COLUMNS, Store, StoreError, StoredEvent, opt};
 use crate::query::{FIELDS, Filter, GroupRow, group_fields};
 
 const SCHEMA: &str = "
@@ -22,34 +22,6 @@ CREATE TABLE IF NOT EXISTS probes (
     probe_id VARCHAR PRIMARY KEY, last_sequence UBIGINT NOT NULL
 );
 ";
-
-/// Columns returned for raw events, in table order after `sequence`.
-const EVENT_COLUMNS: &[&str] = &[
-    "probe_id",
-    "experiment",
-    "cohort",
-    "node",
-    "pod",
-    "container",
-    "pid",
-    "exe",
-    "role",
-    "protocol",
-    "method",
-    "route",
-    "path",
-    "status",
-    "grpc_status",
-    "error",
-    "start_unix_ns",
-    "duration_ns",
-    "bytes_in",
-    "bytes_out",
-    "peer",
-    "request_id",
-    "traceparent",
-    "attributes",
-];
 
 pub struct DuckDbStore {
     conn: Mutex<Connection>,
@@ -68,10 +40,6 @@ impl DuckDbStore {
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
         self.conn.lock().map_err(|_| StoreError::Poisoned)
     }
-}
-
-fn opt(s: &str) -> Option<&str> {
-    (!s.is_empty()).then_some(s)
 }
 
 impl Store for DuckDbStore {
@@ -246,67 +214,18 @@ impl Store for DuckDbStore {
 mod tests {
     use super::*;
 
-    fn event(cohort: &str, path: &str, status: Option<u32>, ms: u64) -> RequestEvent {
-        RequestEvent {
-            experiment: "e".into(),
-            cohort: cohort.into(),
-            path: path.into(),
-            status,
-            duration_ns: ms * 1_000_000,
-            start_unix_ns: 1_000 + ms,
-            bytes_out: 10,
-            ..RequestEvent::default()
-        }
-    }
-
-    fn store(name: &str) -> (DuckDbStore, std::path::PathBuf) {
-        let path = std::env::temp_dir().join(format!(
-            "bakeoff-store-{name}-{}.duckdb",
-            std::process::id()
-        ));
+    #[test]
+    fn conforms() {
+        let path =
+            std::env::temp_dir().join(format!("bakeoff-store-{}.duckdb", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let _ = std::fs::remove_file(path.with_extension("duckdb.wal"));
-        (DuckDbStore::open(&path).unwrap(), path)
-    }
-
-    #[test]
-    fn append_query_group_and_sequences() {
-        let (s, path) = store("basic");
-        assert_eq!(s.last_sequence("p").unwrap(), 0);
-        s.append(
-            "p",
-            1,
-            &[
-                event("baseline", "/a", Some(200), 10),
-                event("canary", "/a", Some(500), 30),
-            ],
-        )
-        .unwrap();
-        s.append("p", 2, &[event("canary", "/b", None, 20)])
-            .unwrap();
-        assert_eq!(s.last_sequence("p").unwrap(), 2);
-        let rows = s
-            .events(&Filter::parse(&["cohort=canary".into()]).unwrap(), 10)
-            .unwrap();
-        assert_eq!(rows.len(), 2);
-        // Newest first: /a started at 1030, /b at 1020.
-        assert_eq!(rows[0]["path"], "/a");
-        assert_eq!(rows[0]["status"], 500);
-        assert_eq!(rows[1]["path"], "/b");
-        assert_eq!(rows[1]["status"], serde_json::Value::Null);
-        let groups = s.group(&Filter::default(), &["cohort".into()]).unwrap();
-        let canary = groups
-            .iter()
-            .find(|g| g.key[0].as_deref() == Some("canary"))
-            .unwrap();
-        assert_eq!((canary.requests, canary.errors), (2, 2));
-        assert!((canary.p50_ms - 25.0).abs() < 1e-9, "{}", canary.p50_ms);
-        assert_eq!(s.delete_before(1_015).unwrap(), 1);
-        drop(s);
-        // Reopening keeps everything and the sequence.
-        let s = DuckDbStore::open(&path).unwrap();
-        assert_eq!(s.last_sequence("p").unwrap(), 2);
-        assert_eq!(s.events(&Filter::default(), 10).unwrap().len(), 2);
+        let store = DuckDbStore::open(&path).unwrap();
+        super::super::conformance::check(&store);
+        drop(store);
+        // Reopening keeps everything and the sequences.
+        let store = DuckDbStore::open(&path).unwrap();
+        super::super::conformance::check_reopened(&store);
         let _ = std::fs::remove_file(&path);
     }
 }

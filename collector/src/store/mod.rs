@@ -1,6 +1,9 @@
 //! Raw event storage. One trait, so the ingest and the API do not care which backend holds
 //! the events.
 
+pub mod clickhouse;
+#[cfg(test)]
+mod conformance;
 pub mod duckdb;
 
 use bakeoff_proto::v1::RequestEvent;
@@ -11,10 +14,45 @@ use crate::query::{Filter, GroupRow, QueryError};
 pub enum StoreError {
     #[error("DuckDB: {0}")]
     DuckDb(#[from] ::duckdb::Error),
+    #[error("ClickHouse: {0}")]
+    ClickHouse(String),
     #[error(transparent)]
     Query(#[from] QueryError),
     #[error("storage lock poisoned by an earlier panic")]
     Poisoned,
+}
+
+/// Columns returned for raw events, in this order, by every backend.
+pub const EVENT_COLUMNS: &[&str] = &[
+    "probe_id",
+    "experiment",
+    "cohort",
+    "node",
+    "pod",
+    "container",
+    "pid",
+    "exe",
+    "role",
+    "protocol",
+    "method",
+    "route",
+    "path",
+    "status",
+    "grpc_status",
+    "error",
+    "start_unix_ns",
+    "duration_ns",
+    "bytes_in",
+    "bytes_out",
+    "peer",
+    "request_id",
+    "traceparent",
+    "attributes",
+];
+
+/// An empty string is stored as NULL, so "not known" reads the same in every backend.
+pub(crate) fn opt(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
 }
 
 /// A stored event as queries return it.

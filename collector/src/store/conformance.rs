@@ -1,0 +1,113 @@
+//! What every backend must answer identically, run against each real backend by its tests.
+
+use bakeoff_proto::v1::RequestEvent;
+
+use super::Store;
+use crate::query::Filter;
+
+fn event(cohort: &str, path: &str, status: Option<u32>, ms: u64) -> RequestEvent {
+    RequestEvent {
+        experiment: "e".into(),
+        cohort: cohort.into(),
+        path: path.into(),
+        status,
+        duration_ns: ms * 1_000_000,
+        start_unix_ns: 1_000 + ms,
+        bytes_out: 10,
+        peer: "10.0.0.1:80".into(),
+        attributes: [("client".to_string(), "mobile".to_string())].into(),
+        ..RequestEvent::default()
+    }
+}
+
+/// Appends, reads back, groups, deletes; `store` must be empty.
+pub fn check(s: &dyn Store) {
+    assert_eq!(s.last_sequence("p").unwrap(), 0);
+    s.append(
+        "p",
+        1,
+        &[
+            event("baseline", "/a", Some(200), 10),
+            event("canary", "/a", Some(500), 30),
+            event("canary", "/a", Some(200), 40),
+        ],
+    )
+    .unwrap();
+    s.append("p", 2, &[event("canary", "/b", None, 20)])
+        .unwrap();
+    s.append("q", 7, &[event("baseline", "/it's", Some(404), 50)])
+        .unwrap();
+    assert_eq!(s.last_sequence("p").unwrap(), 2);
+    assert_eq!(s.last_sequence("q").unwrap(), 7);
+
+    let rows = s
+        .events(&Filter::parse(&["cohort=canary".into()]).unwrap(), 10)
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    // Newest first: started at 1040, 1030, 1020.
+    assert_eq!(rows[0]["path"], "/a");
+    assert_eq!(rows[0]["duration_ns"], 40_000_000);
+    assert_eq!(rows[1]["status"], 500);
+    assert_eq!(rows[2]["path"], "/b");
+    assert_eq!(rows[2]["status"], serde_json::Value::Null);
+    assert_eq!(rows[2]["pod"], serde_json::Value::Null);
+    assert_eq!(rows[2]["probe_id"], "p");
+    assert_eq!(rows[2]["peer"], "10.0.0.1:80");
+    assert_eq!(rows[2]["attributes"]["client"], "mobile");
+    // Values are data: a quote cannot escape its literal.
+    let quoted = s
+        .events(&Filter::parse(&["path=/it's".into()]).unwrap(), 10)
+        .unwrap();
+    assert_eq!(quoted.len(), 1);
+    assert_eq!(quoted[0]["status"], 404);
+    let by_status = s
+        .events(&Filter::parse(&["status=500".into()]).unwrap(), 10)
+        .unwrap();
+    assert_eq!(by_status.len(), 1);
+
+    let groups = s
+        .group(&Filter::default(), &["cohort".into(), "path".into()])
+        .unwrap();
+    let canary_a = groups
+        .iter()
+        .find(|g| g.key == [Some("canary".into()), Some("/a".into())])
+        .unwrap();
+    assert_eq!((canary_a.requests, canary_a.errors), (2, 1));
+    // Linear interpolation between order statistics (DuckDB's quantile_cont).
+    assert!((canary_a.p50_ms - 35.0).abs() < 1e-9, "{}", canary_a.p50_ms);
+    assert!((canary_a.p90_ms - 39.0).abs() < 1e-9, "{}", canary_a.p90_ms);
+    assert_eq!(canary_a.bytes_out, 20);
+    assert_eq!(groups[0].requests, 2, "largest group first: {groups:?}");
+    let all = s.group(&Filter::default(), &[]).unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!((all[0].requests, all[0].errors), (5, 2));
+    assert!((all[0].p50_ms - 30.0).abs() < 1e-9, "{}", all[0].p50_ms);
+    assert!((all[0].p99_ms - 49.6).abs() < 1e-9, "{}", all[0].p99_ms);
+    let since = s
+        .group(
+            &Filter::parse(&["since=1030".into(), "until=1045".into()]).unwrap(),
+            &["cohort".into()],
+        )
+        .unwrap();
+    assert_eq!(since.len(), 1);
+    assert_eq!(since[0].requests, 2);
+    assert!(s.group(&Filter::default(), &["nope".into()]).is_err());
+
+    assert_eq!(s.delete_before(1_015).unwrap(), 1);
+}
+
+/// After `check` and a reopen: what was kept is still there.
+pub fn check_reopened(s: &dyn Store) {
+    assert_eq!(s.last_sequence("p").unwrap(), 2);
+    assert_eq!(s.last_sequence("q").unwrap(), 7);
+    // ClickHouse deletes asynchronously (a mutation): wait for it, bounded.
+    let mut n = 0;
+    for _ in 0..100 {
+        n = s.events(&Filter::default(), 10).unwrap().len();
+        if n == 4 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(n, 4);
+}
