@@ -42,6 +42,14 @@ enum Cmd {
         /// ClickHouse database for the `events` table (created if missing).
         #[arg(long, env = "BAKEOFF_CLICKHOUSE_DATABASE", default_value = "bakeoff")]
         clickhouse_database: String,
+        /// TLS certificate and key (PEM) for the gRPC ingest.
+        #[arg(long, env = "BAKEOFF_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, env = "BAKEOFF_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Require probes to present a certificate signed by this CA (mutual TLS).
+        #[arg(long, env = "BAKEOFF_TLS_CLIENT_CA", requires = "tls_cert")]
+        tls_client_ca: Option<PathBuf>,
         /// Delete events older than this many hours (0 keeps everything).
         #[arg(long, env = "BAKEOFF_RETENTION_HOURS", default_value_t = 168)]
         retention_hours: u64,
@@ -82,8 +90,19 @@ fn main() {
             db,
             clickhouse,
             clickhouse_database,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
             retention_hours,
         } => {
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert,
+                    key,
+                    client_ca: tls_client_ca,
+                }),
+                _ => None,
+            };
             let backend = match clickhouse {
                 Some(url) => Backend::ClickHouse {
                     url,
@@ -91,7 +110,7 @@ fn main() {
                 },
                 None => Backend::DuckDb(db),
             };
-            serve(grpc_listen, http_listen, backend, retention_hours)
+            serve(grpc_listen, http_listen, backend, tls, retention_hours)
         }
         Cmd::Events {
             api,
@@ -135,8 +154,41 @@ impl Backend {
     }
 }
 
-fn serve(grpc: SocketAddr, http: SocketAddr, backend: Backend, retention_hours: u64) -> Result<()> {
+/// PEM files of the ingest's TLS.
+struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    fn server_config(&self) -> Result<tonic::transport::ServerTlsConfig> {
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let mut c = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(read(&self.cert)?, read(&self.key)?),
+        );
+        if let Some(ca) = &self.client_ca {
+            c = c.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        Ok(c)
+    }
+}
+
+fn serve(
+    grpc: SocketAddr,
+    http: SocketAddr,
+    backend: Backend,
+    tls: Option<TlsFiles>,
+    retention_hours: u64,
+) -> Result<()> {
     let store = backend.open()?;
+    let mut grpc_builder = tonic::transport::Server::builder();
+    if let Some(t) = &tls {
+        grpc_builder = grpc_builder
+            .tls_config(t.server_config()?)
+            .context("bad TLS settings for the gRPC ingest")?;
+    }
     let stats = Arc::new(IngestStats::default());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -156,7 +208,14 @@ fn serve(grpc: SocketAddr, http: SocketAddr, backend: Backend, retention_hours: 
         });
         let ingest = IngestServer::new(IngestService::new(store.clone(), stats.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        tracing::info!(%grpc, %http, store = backend.describe(), "collector ready");
+        tracing::info!(
+            %grpc,
+            %http,
+            store = backend.describe(),
+            tls = tls.is_some(),
+            mutual_tls = tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+            "collector ready"
+        );
         if retention_hours > 0 {
             let store = store.clone();
             tokio::spawn(async move {
@@ -177,7 +236,7 @@ fn serve(grpc: SocketAddr, http: SocketAddr, backend: Backend, retention_hours: 
                 }
             });
         }
-        let grpc_server = tonic::transport::Server::builder()
+        let grpc_server = grpc_builder
             .add_service(ingest)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),

@@ -118,6 +118,58 @@ pub struct CollectorConfig {
     /// Bound of the spool directory in bytes; beyond it the oldest batches are dropped (counted).
     #[serde(default = "default_spool_bytes")]
     pub spool_bytes: u64,
+    /// TLS towards the collector (an `https://` endpoint); with `cert` and `key`, mutual TLS.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// PEM files for TLS and mutual TLS (rustls).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA certificate(s) that signed the server's certificate.
+    #[serde(default)]
+    pub ca: Option<std::path::PathBuf>,
+    /// The probe's own certificate and key, for mutual TLS.
+    #[serde(default)]
+    pub cert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub key: Option<std::path::PathBuf>,
+    /// Name to verify the server certificate against (default: the endpoint's host).
+    #[serde(default)]
+    pub domain: Option<String>,
+}
+
+/// A second, independent export of every request as an OTLP/gRPC server span.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// `http://host:4317` of an OTLP/gRPC receiver (OpenTelemetry Collector, Jaeger, Tempo...).
+    pub endpoint: String,
+    /// Spans per export request.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Spans kept while the receiver is slow or away; beyond it spans are dropped (counted).
+    #[serde(default = "default_otlp_queue")]
+    pub queue_spans: usize,
+    /// `service.name` resource attribute (default: the cohort's executable name).
+    #[serde(default)]
+    pub service_name: Option<String>,
+}
+
+fn default_otlp_queue() -> usize {
+    65_536
+}
+
+impl OtlpConfig {
+    pub fn new(endpoint: String) -> Self {
+        Self {
+            endpoint,
+            batch_size: default_batch_size(),
+            queue_spans: default_otlp_queue(),
+            service_name: None,
+        }
+    }
 }
 
 fn default_batch_size() -> usize {
@@ -142,6 +194,7 @@ impl CollectorConfig {
             queue_batches: default_queue_batches(),
             spool_dir: None,
             spool_bytes: default_spool_bytes(),
+            tls: None,
         }
     }
 }
@@ -172,6 +225,11 @@ pub struct Config {
     pub output: OutputConfig,
     #[serde(default)]
     pub collector: Option<CollectorConfig>,
+    #[serde(default)]
+    pub otlp: Option<OtlpConfig>,
+    /// Serve Prometheus `/metrics` on this address (e.g. `0.0.0.0:9464`).
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn default_experiment() -> String {
@@ -198,6 +256,8 @@ impl Default for Config {
             cohorts: Vec::new(),
             output: OutputConfig::default(),
             collector: None,
+            otlp: None,
+            metrics_listen: None,
         }
     }
 }
@@ -269,6 +329,26 @@ impl Config {
             if c.batch_size == 0 || c.queue_batches == 0 {
                 return Err(invalid(
                     "collector.batch_size and queue_batches must be positive".into(),
+                ));
+            }
+            if let Some(t) = &c.tls
+                && t.cert.is_some() != t.key.is_some()
+            {
+                return Err(invalid(
+                    "collector.tls: give both cert and key (mutual TLS) or neither".into(),
+                ));
+            }
+        }
+        if let Some(o) = &self.otlp {
+            if !(o.endpoint.starts_with("http://") || o.endpoint.starts_with("https://")) {
+                return Err(invalid(format!(
+                    "otlp.endpoint `{}` must start with http:// or https://",
+                    o.endpoint
+                )));
+            }
+            if o.batch_size == 0 || o.queue_spans == 0 {
+                return Err(invalid(
+                    "otlp.batch_size and queue_spans must be positive".into(),
                 ));
             }
         }

@@ -10,6 +10,7 @@ pub mod conn;
 pub mod event;
 pub mod export;
 pub mod kernel;
+pub mod metrics;
 pub mod output;
 pub mod pipeline;
 pub mod protocol;

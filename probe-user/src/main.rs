@@ -1,17 +1,20 @@
 //! `bakeoff-probe`: watches the sockets of cohort processes from the kernel and prints one event
 //! per HTTP/1.x request.
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use bakeoff_probe::{
     cohort::{CgroupMatch, Cohorts, cgroup2_root},
-    config::{CohortRule, CollectorConfig, Config},
+    config::{CohortRule, CollectorConfig, Config, OtlpConfig, TlsConfig},
     export::{
         grpc::{ExportConfig, Exporter},
+        otlp::{OtlpExportConfig, OtlpExporter},
+        tls::client_tls,
         to_proto,
     },
     kernel::Kernel,
+    metrics::{self, ProbeCounters},
     output::JsonLines,
     pipeline::Pipeline,
     summary::Summary,
@@ -63,6 +66,23 @@ struct Cli {
     /// Events per batch sent to the collector.
     #[arg(long)]
     batch_size: Option<usize>,
+    /// CA certificate (PEM) of the collector's TLS certificate; implies TLS.
+    #[arg(long, env = "BAKEOFF_COLLECTOR_CA")]
+    collector_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS with the collector.
+    #[arg(long, env = "BAKEOFF_COLLECTOR_CERT", requires = "collector_key")]
+    collector_cert: Option<PathBuf>,
+    #[arg(long, env = "BAKEOFF_COLLECTOR_KEY", requires = "collector_cert")]
+    collector_key: Option<PathBuf>,
+    /// Name the collector's certificate must carry (default: the endpoint's host).
+    #[arg(long, env = "BAKEOFF_COLLECTOR_DOMAIN")]
+    collector_domain: Option<String>,
+    /// Also export every request as an OTLP/gRPC server span to this receiver.
+    #[arg(long, env = "BAKEOFF_OTLP_ENDPOINT")]
+    otlp: Option<String>,
+    /// Serve Prometheus /metrics on this address.
+    #[arg(long, env = "BAKEOFF_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Create this file once the probe is watching (hooks attached, connections seeded).
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -121,6 +141,30 @@ impl Cli {
             if let Some(v) = self.batch_size {
                 c.batch_size = v;
             }
+            if self.collector_ca.is_some()
+                || self.collector_cert.is_some()
+                || self.collector_domain.is_some()
+            {
+                let tls = c.tls.get_or_insert_with(TlsConfig::default);
+                if let Some(v) = &self.collector_ca {
+                    tls.ca = Some(v.clone());
+                }
+                if let Some(v) = &self.collector_cert {
+                    tls.cert = Some(v.clone());
+                }
+                if let Some(v) = &self.collector_key {
+                    tls.key = Some(v.clone());
+                }
+                if let Some(v) = &self.collector_domain {
+                    tls.domain = Some(v.clone());
+                }
+            }
+        }
+        if let Some(v) = &self.otlp {
+            config.otlp = Some(OtlpConfig::new(v.clone()));
+        }
+        if let Some(v) = self.metrics_listen {
+            config.metrics_listen = Some(v);
         }
         config.validate("command line")?;
         if config.cohorts.is_empty() {
@@ -189,7 +233,8 @@ fn run(cli: Cli) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let mut summary = Summary::default();
-    let exporter_stats = runtime.block_on(async {
+    let counters = Arc::new(ProbeCounters::default());
+    let (exporter_stats, otlp_stats) = runtime.block_on(async {
         let exporter = match &config.collector {
             Some(c) => Some(
                 Exporter::start(
@@ -201,6 +246,8 @@ fn run(cli: Cli) -> Result<()> {
                         spool_dir: c.spool_dir.clone(),
                         spool_bytes: c.spool_bytes,
                         drain_timeout: Duration::from_secs(5),
+                        tls: client_tls(&c.endpoint, c.tls.as_ref())
+                            .context("collector TLS settings")?,
                     },
                     hello(&config, &pipeline),
                 )
@@ -208,7 +255,40 @@ fn run(cli: Cli) -> Result<()> {
             ),
             None => None,
         };
-        let mut sink = Sink { json: out.as_mut(), exporter: exporter.as_ref(), summary: &mut summary };
+        let otlp = match &config.otlp {
+            Some(o) => Some(OtlpExporter::start(OtlpExportConfig {
+                endpoint: o.endpoint.clone(),
+                batch_size: o.batch_size,
+                queue_spans: o.queue_spans,
+                service_name: o.service_name.clone(),
+                tls: client_tls(&o.endpoint, None).context("OTLP TLS settings")?,
+            })),
+            None => None,
+        };
+        if let Some(addr) = config.metrics_listen {
+            let registry = metrics::registry(
+                counters.clone(),
+                exporter.as_ref().map(|e| e.stats.clone()),
+                otlp.as_ref().map(|o| o.stats.clone()),
+            );
+            // Bind now so a taken port is a start-up error, not a silent absence of metrics.
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on {addr} for /metrics"))?;
+            drop(listener);
+            tokio::spawn(async move {
+                if let Err(e) = metrics::serve(addr, registry).await {
+                    tracing::error!(%addr, error = %e, "metrics server stopped");
+                }
+            });
+            tracing::info!(%addr, "serving /metrics");
+        }
+        let mut sink = Sink {
+            json: out.as_mut(),
+            exporter: exporter.as_ref(),
+            otlp: otlp.as_ref(),
+            counters: &counters,
+            summary: &mut summary,
+        };
         // SAFETY: the ring buffer owns its fd and keeps it open until the AsyncFd is dropped.
         let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
@@ -243,6 +323,9 @@ fn run(cli: Cli) -> Result<()> {
                         hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
                     }
                     let drops = kernel.drops();
+                    for (c, d) in counters.kernel_drops.iter().zip(drops) {
+                        c.store(d, std::sync::atomic::Ordering::Relaxed);
+                    }
                     if let Some(e) = sink.exporter {
                         e.stats.ringbuf_drops.store(drops[0], std::sync::atomic::Ordering::Relaxed);
                     }
@@ -258,6 +341,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         drain(ring.get_mut(), &mut pipeline, &mut kernel, &mut events);
         sink.write(&mut events)?;
+        let otlp_stats = match otlp {
+            Some(o) => {
+                let stats = o.stats.clone();
+                o.shutdown().await;
+                Some(stats.to_json())
+            }
+            None => None,
+        };
         let stats = match exporter {
             Some(e) => {
                 let stats = e.stats.clone();
@@ -266,7 +357,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             None => None,
         };
-        anyhow::Ok(stats)
+        anyhow::Ok((stats, otlp_stats))
     })?;
 
     let programs: serde_json::Map<String, serde_json::Value> = kernel
@@ -285,6 +376,7 @@ fn run(cli: Cli) -> Result<()> {
         "connections": pipeline.conn_stats(),
         "in_flight_at_exit": pipeline.in_flight(),
         "export": exporter_stats,
+        "otlp": otlp_stats,
         "kernel_drops": {
             "ringbuf_full": kernel.drops()[0],
             "sockets_full": kernel.drops()[1],
@@ -323,15 +415,27 @@ fn drain(
 struct Sink<'a> {
     json: Option<&'a mut JsonLines>,
     exporter: Option<&'a Exporter>,
+    otlp: Option<&'a OtlpExporter>,
+    counters: &'a ProbeCounters,
     summary: &'a mut Summary,
 }
 
 impl Sink<'_> {
     fn write(&mut self, events: &mut Vec<bakeoff_probe::event::RequestEvent>) -> Result<()> {
+        self.counters
+            .events
+            .fetch_add(events.len() as u64, std::sync::atomic::Ordering::Relaxed);
         for e in events.drain(..) {
             self.summary.add(&e);
-            if let Some(x) = self.exporter {
-                x.send(to_proto(&e));
+            match (self.exporter, self.otlp) {
+                (Some(x), Some(o)) => {
+                    let p = to_proto(&e);
+                    o.send(p.clone());
+                    x.send(p);
+                }
+                (Some(x), None) => x.send(to_proto(&e)),
+                (None, Some(o)) => o.send(to_proto(&e)),
+                (None, None) => {}
             }
             if let Some(out) = self.json.as_deref_mut() {
                 out.write(&e).context("cannot write event")?;

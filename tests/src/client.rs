@@ -18,6 +18,8 @@ pub struct Request {
     pub body: Vec<u8>,
     /// Send the body with `Transfer-Encoding: chunked` in chunks of this size.
     pub chunked: Option<usize>,
+    /// More header lines, e.g. `traceparent`.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Request {
@@ -28,6 +30,7 @@ impl Request {
             request_id: request_id.into(),
             body: Vec::new(),
             chunked: None,
+            headers: Vec::new(),
         }
     }
 
@@ -46,6 +49,9 @@ impl Request {
             self.method, self.path, self.request_id
         )
         .into_bytes();
+        for (name, value) in &self.headers {
+            out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
         match self.chunked {
             Some(size) if !self.body.is_empty() => {
                 out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");

@@ -6,4 +6,7 @@ pub mod cgroup;
 pub mod clickhouse;
 pub mod client;
 pub mod collector;
+pub mod metrics;
+pub mod otlp;
 pub mod process;
+pub mod tls;

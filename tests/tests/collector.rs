@@ -19,6 +19,7 @@ use bakeoff_testkit::{
     clickhouse::ClickHouse,
     client::{Conn, Request},
     collector::Collector,
+    metrics::{sample, scrape},
     process::{Guard, bin, free_port, wait_for, wait_for_port},
 };
 
@@ -232,6 +233,7 @@ fn a_collector_away_too_long_costs_an_exactly_counted_number_of_events() -> Resu
     let (_server, port) = canary_server(&cg)?;
     let (grpc_port, http_port) = (free_port(), free_port());
     // No collector yet; memory for two batches of five, no spool.
+    let metrics_port = free_port();
     let mut probe = probe(
         &dir,
         &cg,
@@ -242,6 +244,8 @@ fn a_collector_away_too_long_costs_an_exactly_counted_number_of_events() -> Resu
             "5",
             "--queue-batches",
             "2",
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics_port}"),
         ],
     )?;
     let sent = send(port, "d", 0..60)?.len() as u64;
@@ -254,6 +258,7 @@ fn a_collector_away_too_long_costs_an_exactly_counted_number_of_events() -> Resu
             .is_ok_and(|v| v["probes"].as_object().is_some_and(|p| !p.is_empty()))
     })?;
     std::thread::sleep(Duration::from_millis(500));
+    let probe_metrics = scrape(&format!("http://127.0.0.1:{metrics_port}/metrics"))?;
     probe.stop(Duration::from_secs(30))?;
     let s = stats(&dir)?;
     let dropped = s["export"]["dropped_spool_full"]
@@ -278,6 +283,18 @@ fn a_collector_away_too_long_costs_an_exactly_counted_number_of_events() -> Resu
         "health says {} dropped, the probe {dropped}",
         health["dropped_events"]
     );
+    // The same exact count on both /metrics pages.
+    let series = "bakeoff_probe_export_dropped_events_total{reason=\"spool_full\"}";
+    ensure!(sample(&probe_metrics, series)? == dropped as f64);
+    let collector_metrics = scrape(&format!("http://127.0.0.1:{}/metrics", collector.http_port))?;
+    let probe_id = ingest["probes"]
+        .as_object()
+        .and_then(|p| p.keys().next().cloned())
+        .context("probe id")?;
+    let series = format!(
+        "bakeoff_collector_probe_dropped_events_total{{probe=\"{probe_id}\",reason=\"spool_full\"}}"
+    );
+    ensure!(sample(&collector_metrics, &series)? == dropped as f64);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

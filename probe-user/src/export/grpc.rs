@@ -18,13 +18,14 @@ use bakeoff_proto::v1::{
     EventBatch, IngestAck, IngestRequest, ProbeHealth, ProbeHello, RequestEvent,
     ingest_client::IngestClient, ingest_request::Message,
 };
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::{
     sync::{mpsc, oneshot},
     task::JoinHandle,
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codec::Streaming;
+use tonic::{codec::Streaming, transport::ClientTlsConfig};
 
 use super::spool::{Spool, SpoolError};
 
@@ -41,10 +42,12 @@ pub struct ExportConfig {
     pub spool_bytes: u64,
     /// At shutdown, how long to wait for the collector to acknowledge what is pending.
     pub drain_timeout: Duration,
+    /// TLS (and mutual TLS) towards the collector.
+    pub tls: Option<ClientTlsConfig>,
 }
 
 /// Counters shared with the rest of the probe (metrics, health, the stats file).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ExportStats {
     pub events_in: AtomicU64,
     pub batches_sent: AtomicU64,
@@ -59,6 +62,27 @@ pub struct ExportStats {
     pub reconnects: AtomicU64,
     /// Written by the kernel reader; reported in health messages.
     pub ringbuf_drops: AtomicU64,
+    /// Seconds from sending a batch to its acknowledgement (stored durably).
+    pub ack_seconds: Histogram,
+}
+
+impl Default for ExportStats {
+    fn default() -> Self {
+        Self {
+            events_in: AtomicU64::default(),
+            batches_sent: AtomicU64::default(),
+            acked_sequence: AtomicU64::default(),
+            dropped_channel_full: AtomicU64::default(),
+            dropped_spool_full: AtomicU64::default(),
+            queued_batches: AtomicU64::default(),
+            pending_events: AtomicU64::default(),
+            spool_bytes: AtomicU64::default(),
+            connected: AtomicBool::default(),
+            reconnects: AtomicU64::default(),
+            ringbuf_drops: AtomicU64::default(),
+            ack_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
+        }
+    }
 }
 
 impl ExportStats {
@@ -138,11 +162,18 @@ struct Stream {
 
 async fn connect(
     endpoint: &str,
+    tls: Option<&ClientTlsConfig>,
     hello: &ProbeHello,
 ) -> Result<(mpsc::Sender<IngestRequest>, Streaming<IngestAck>), String> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+    let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| format!("bad collector endpoint {endpoint}: {e}"))?
-        .connect_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(2));
+    if let Some(tls) = tls {
+        ep = ep
+            .tls_config(tls.clone())
+            .map_err(|e| format!("bad TLS settings for {endpoint}: {e}"))?;
+    }
+    let channel = ep
         .connect()
         .await
         .map_err(|e| format!("cannot connect to {endpoint}: {e}"))?;
@@ -190,6 +221,8 @@ async fn run(
     let mut flush = tokio::time::interval(config.batch_interval);
     let mut health = tokio::time::interval(Duration::from_secs(2));
     let mut draining: Option<Instant> = None;
+    // Send time of each batch in flight, oldest first, for the ack latency histogram.
+    let mut in_flight: std::collections::VecDeque<(u64, Instant)> = Default::default();
 
     let seal = |current: &mut Vec<RequestEvent>, spool: &mut Spool, next_seq: &mut u64| {
         if current.is_empty() {
@@ -258,6 +291,7 @@ async fn run(
                     && let Some(batch) = spool.next_after(s.sent_upto)
                 {
                     s.sent_upto = batch.sequence;
+                    in_flight.push_back((batch.sequence, Instant::now()));
                     permit.send(IngestRequest { message: Some(Message::Batch(batch)) });
                     stats.batches_sent.fetch_add(1, Ordering::Relaxed);
                 }
@@ -268,7 +302,13 @@ async fn run(
                     None => std::future::pending().await,
                 }
             } => match ack {
-                Ok(Some(ack)) => spool.ack(ack.stored_sequence),
+                Ok(Some(ack)) => {
+                    while let Some(&(seq, sent)) = in_flight.front() && seq <= ack.stored_sequence {
+                        stats.ack_seconds.observe(sent.elapsed().as_secs_f64());
+                        in_flight.pop_front();
+                    }
+                    spool.ack(ack.stored_sequence);
+                }
                 other => {
                     if let Err(status) = other {
                         tracing::warn!(code = ?status.code(), message = status.message(), "collector stream ended");
@@ -276,11 +316,12 @@ async fn run(
                         tracing::warn!("collector closed the stream");
                     }
                     stream = None;
+                    in_flight.clear();
                     retry_at = Instant::now() + jittered(backoff);
                 }
             },
             _ = tokio::time::sleep_until(retry_at), if !connected => {
-                match connect(&config.endpoint, &hello).await {
+                match connect(&config.endpoint, config.tls.as_ref(), &hello).await {
                     Ok((tx, acks)) => {
                         tracing::info!(endpoint = config.endpoint, resend_from = spool.acked() + 1, "connected to the collector");
                         stats.reconnects.fetch_add(1, Ordering::Relaxed);

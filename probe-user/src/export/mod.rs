@@ -1,7 +1,9 @@
 //! Where request events leave the probe: JSON lines (`output`) and the collector (`grpc`).
 
 pub mod grpc;
+pub mod otlp;
 pub mod spool;
+pub mod tls;
 
 use bakeoff_proto::v1;
 
