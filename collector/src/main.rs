@@ -4,12 +4,15 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use bakeoff_collector::{
-    api::http::{ApiState, router},
+    api::{
+        grpc::QueryService,
+        http::{ApiState, router},
+    },
     ingest::{IngestService, IngestStats, MAX_MESSAGE_BYTES},
     query::{Filter, GroupRow},
     store::{Store, clickhouse::ClickHouseStore, duckdb::DuckDbStore},
 };
-use bakeoff_proto::v1::ingest_server::IngestServer;
+use bakeoff_proto::v1::{ingest_server::IngestServer, query_server::QueryServer};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -238,6 +241,7 @@ fn serve(
         }
         let grpc_server = grpc_builder
             .add_service(ingest)
+            .add_service(QueryServer::new(QueryService::new(store.clone())))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
                 shutdown(),

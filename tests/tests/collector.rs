@@ -210,6 +210,9 @@ fn survive_a_kill(name: &str, clickhouse: bool) -> Result<()> {
         errors == 33,
         "503s counted as errors: {errors} (groups: {groups})"
     );
+    // The gRPC query service answers the same as the HTTP API.
+    check_grpc_queries(&collector, stored, &groups)?;
+
     let s = stats(&dir)?;
     ensure!(
         s["export"]["dropped_spool_full"] == 0 && s["export"]["dropped_channel_full"] == 0,
@@ -220,6 +223,114 @@ fn survive_a_kill(name: &str, clickhouse: bool) -> Result<()> {
     drop(ch);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+fn check_grpc_queries(
+    collector: &Collector,
+    http_events: &[serde_json::Value],
+    http_groups: &serde_json::Value,
+) -> Result<()> {
+    use bakeoff_proto::v1::{
+        EventsRequest, ExperimentsRequest, FieldEquals, GroupsRequest, Selection,
+        query_client::QueryClient,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut q = QueryClient::connect(collector.endpoint()).await?;
+        let selection = Some(Selection {
+            equals: vec![FieldEquals {
+                field: "experiment".into(),
+                value: "collector-it".into(),
+            }],
+            ..Selection::default()
+        });
+        let events = q
+            .events(EventsRequest {
+                selection: selection.clone(),
+                limit: 10_000,
+            })
+            .await?
+            .into_inner()
+            .events;
+        ensure!(
+            events.len() == http_events.len(),
+            "gRPC {} events, HTTP {}",
+            events.len(),
+            http_events.len()
+        );
+        let by_id: HashMap<String, &bakeoff_proto::v1::RequestEvent> = events
+            .iter()
+            .filter_map(|e| e.event.as_ref().map(|ev| (ev.request_id.clone(), ev)))
+            .collect();
+        for h in http_events {
+            let id = h["request_id"].as_str().context("id")?;
+            let g = by_id
+                .get(id)
+                .with_context(|| format!("{id} missing over gRPC"))?;
+            ensure!(
+                g.path == h["path"]
+                    && u64::from(g.status.unwrap_or(0)) == h["status"].as_u64().unwrap_or(0)
+                    && g.duration_ns == h["duration_ns"]
+                    && g.bytes_out == h["bytes_out"]
+                    && g.cohort == h["cohort"],
+                "{id}: gRPC {g:?} != HTTP {h}"
+            );
+        }
+        let groups = q
+            .groups(GroupsRequest {
+                selection,
+                by: vec!["cohort".into(), "path".into()],
+            })
+            .await?
+            .into_inner()
+            .groups;
+        let http_groups = http_groups.as_array().context("groups")?;
+        ensure!(
+            groups.len() == http_groups.len(),
+            "{groups:?} vs {http_groups:?}"
+        );
+        for (g, h) in groups.iter().zip(http_groups) {
+            let key: Vec<Option<String>> = g.key.iter().map(|k| k.value.clone()).collect();
+            let hkey: Vec<Option<String>> = serde_json::from_value(h["key"].clone())?;
+            ensure!(
+                key == hkey
+                    && g.requests == h["requests"]
+                    && g.errors == h["errors"]
+                    && (g.p99_ms - h["p99_ms"].as_f64().unwrap_or(f64::NAN)).abs() < 1e-9,
+                "gRPC {g:?} != HTTP {h}"
+            );
+        }
+        let experiments = q
+            .experiments(ExperimentsRequest {})
+            .await?
+            .into_inner()
+            .groups;
+        ensure!(
+            experiments
+                .iter()
+                .any(
+                    |g| g.key.first().and_then(|k| k.value.as_deref()) == Some("collector-it")
+                        && g.requests == http_events.len() as u64
+                ),
+            "{experiments:?}"
+        );
+        // A bad field is INVALID_ARGUMENT, with the field named.
+        let bad = q
+            .groups(GroupsRequest {
+                selection: None,
+                by: vec!["nope".into()],
+            })
+            .await
+            .err()
+            .context("a bad field was accepted")?;
+        ensure!(
+            bad.code() == tonic::Code::InvalidArgument && bad.message().contains("nope"),
+            "{bad:?}"
+        );
+        Ok(())
+    })
 }
 
 #[test]

@@ -1,0 +1,157 @@
+//! `bakeoff.v1.Query`: the HTTP JSON API's queries over gRPC, from the same store calls.
+
+use std::sync::Arc;
+
+use bakeoff_proto::v1::{
+    EventsReply, EventsRequest, ExperimentsRequest, Group, GroupKey, GroupsReply, GroupsRequest,
+    RequestEvent, Selection, StoredEvent as ProtoStoredEvent, query_server::Query,
+};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    query::{Filter, GroupRow},
+    store::{Store, StoreError, StoredEvent},
+};
+
+pub struct QueryService {
+    store: Arc<dyn Store>,
+}
+
+impl QueryService {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+}
+
+fn filter(selection: Option<Selection>) -> Result<Filter, Status> {
+    let s = selection.unwrap_or_default();
+    let mut f = Filter {
+        since_unix_ns: s.since_unix_ns,
+        until_unix_ns: s.until_unix_ns,
+        ..Filter::default()
+    };
+    for e in s.equals {
+        f.add(&e.field, &e.value)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    }
+    Ok(f)
+}
+
+async fn run<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| match e {
+            StoreError::Query(q) => Status::invalid_argument(q.to_string()),
+            other => Status::unavailable(other.to_string()),
+        })
+}
+
+fn groups(rows: Vec<GroupRow>) -> GroupsReply {
+    GroupsReply {
+        groups: rows
+            .into_iter()
+            .map(|r| Group {
+                key: r.key.into_iter().map(|value| GroupKey { value }).collect(),
+                requests: r.requests,
+                errors: r.errors,
+                p50_ms: r.p50_ms,
+                p90_ms: r.p90_ms,
+                p99_ms: r.p99_ms,
+                bytes_out: r.bytes_out,
+            })
+            .collect(),
+    }
+}
+
+/// The wire form of a stored row (the JSON map every backend returns).
+pub fn to_proto(row: &StoredEvent) -> ProtoStoredEvent {
+    let s = |k: &str| {
+        row.get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let u = |k: &str| row.get(k).and_then(|v| v.as_u64()).unwrap_or_default();
+    let i = |k: &str| row.get(k).and_then(|v| v.as_i64());
+    ProtoStoredEvent {
+        probe_id: s("probe_id"),
+        event: Some(RequestEvent {
+            experiment: s("experiment"),
+            cohort: s("cohort"),
+            node: s("node"),
+            pod: s("pod"),
+            container: s("container"),
+            pid: u("pid") as u32,
+            exe: s("exe"),
+            role: s("role"),
+            protocol: s("protocol"),
+            method: s("method"),
+            route: s("route"),
+            path: s("path"),
+            status: i("status").and_then(|v| u32::try_from(v).ok()),
+            grpc_status: i("grpc_status").and_then(|v| i32::try_from(v).ok()),
+            error: s("error"),
+            start_unix_ns: u("start_unix_ns"),
+            duration_ns: u("duration_ns"),
+            bytes_in: u("bytes_in"),
+            bytes_out: u("bytes_out"),
+            peer: s("peer"),
+            request_id: s("request_id"),
+            traceparent: s("traceparent"),
+            attributes: row
+                .get("attributes")
+                .and_then(|a| a.as_object())
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }),
+    }
+}
+
+#[tonic::async_trait]
+impl Query for QueryService {
+    async fn experiments(
+        &self,
+        _: Request<ExperimentsRequest>,
+    ) -> Result<Response<GroupsReply>, Status> {
+        let store = self.store.clone();
+        let rows =
+            run(move || store.group(&Filter::default(), &["experiment".into(), "cohort".into()]))
+                .await?;
+        Ok(Response::new(groups(rows)))
+    }
+
+    async fn events(
+        &self,
+        request: Request<EventsRequest>,
+    ) -> Result<Response<EventsReply>, Status> {
+        let r = request.into_inner();
+        let f = filter(r.selection)?;
+        let limit = match r.limit {
+            0 => 100,
+            n => (n as usize).min(100_000),
+        };
+        let store = self.store.clone();
+        let rows = run(move || store.events(&f, limit)).await?;
+        Ok(Response::new(EventsReply {
+            events: rows.iter().map(to_proto).collect(),
+        }))
+    }
+
+    async fn groups(
+        &self,
+        request: Request<GroupsRequest>,
+    ) -> Result<Response<GroupsReply>, Status> {
+        let r = request.into_inner();
+        let f = filter(r.selection)?;
+        let store = self.store.clone();
+        let rows = run(move || store.group(&f, &r.by)).await?;
+        Ok(Response::new(groups(rows)))
+    }
+}
