@@ -389,6 +389,24 @@ fn strip_location(message: &str) -> &str {
 mod tests {
     use super::*;
 
+    /// The shipped Kubernetes ConfigMap must hold a configuration this probe accepts.
+    #[test]
+    fn the_kubernetes_configmap_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/probe.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config_map = serde_yaml_ng::Deserializer::from_str(&text)
+            .map(|d| serde_yaml_ng::Value::deserialize(d).unwrap())
+            .find(|d| d["kind"] == "ConfigMap")
+            .expect("a ConfigMap");
+        let embedded = config_map["data"]["probe.yaml"].as_str().unwrap();
+        let c = Config::from_yaml(embedded, &path).unwrap();
+        assert_eq!(c.cohorts.len(), 2);
+        let collector = c.collector.as_ref().unwrap();
+        assert!(collector.endpoint.starts_with("http://bakeoff-collector."));
+        assert_eq!(c.metrics_listen.map(|a| a.port()), Some(9464));
+        assert_eq!(c.json_output(), None);
+    }
+
     #[test]
     fn parses_full_file() {
         let yaml = "experiment: checkout\npayload_prefix: 512\ncohorts:\n  - name: baseline\n    cgroup: /sys/fs/cgroup/unified/b\n  - name: canary\n    env: BAKEOFF_COHORT=canary\n    exe: /usr/bin/*\n";

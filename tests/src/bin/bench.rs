@@ -406,6 +406,18 @@ fn report(rows: &[(Setup, Row)]) {
     }
 }
 
+/// An hour before the benchmark started, in Unix ns.
+fn bench_epoch() -> u64 {
+    static EPOCH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            .saturating_sub(3_600_000_000_000)
+    })
+}
+
 /// Synthetic events shaped like the probe's: 2 cohorts, 50 paths, realistic durations.
 fn synthetic_batch(seq: u64, n: usize, stream: usize) -> bakeoff_proto::v1::IngestRequest {
     use bakeoff_proto::v1::{EventBatch, IngestRequest, RequestEvent, ingest_request::Message};
@@ -428,7 +440,8 @@ fn synthetic_batch(seq: u64, n: usize, stream: usize) -> bakeoff_proto::v1::Inge
                 method: "GET".into(),
                 path: format!("/api/items/{}", k % 50),
                 status: Some(if k.is_multiple_of(97) { 503 } else { 200 }),
-                start_unix_ns: 1_700_000_000_000_000_000 + k as u64 * 1000,
+                // Within the last hour, so the collector's retention keeps them.
+                start_unix_ns: bench_epoch() + k as u64 * 100,
                 duration_ns: 1_000_000 + (k as u64 * 7919) % 5_000_000,
                 bytes_in: 120,
                 bytes_out: 2048,
@@ -446,17 +459,71 @@ fn synthetic_batch(seq: u64, n: usize, stream: usize) -> bakeoff_proto::v1::Inge
     }
 }
 
-/// Ingest rate from concurrent probe streams, then a group-by with quantiles over everything.
+const STREAMS: usize = 4;
+const BATCH: usize = 2000;
+
+/// Ingest rate from concurrent probe streams, then a group-by with quantiles over everything,
+/// into DuckDB and into ClickHouse (a real server started here), side by side.
 fn collector(total: u64) -> Result<()> {
-    use bakeoff_proto::v1::{
-        IngestRequest, ProbeHello, ingest_client::IngestClient, ingest_request::Message,
-    };
-    const STREAMS: usize = 4;
-    const BATCH: usize = 2000;
     let dir = PathBuf::from("/tmp/bakeoff-bench-collector");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let collector = bakeoff_testkit::collector::Collector::start(&dir)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let duck = {
+        let collector = bakeoff_testkit::collector::Collector::start(&dir)?;
+        collector_run(&collector, total)?
+    };
+    let click = {
+        let server = bakeoff_testkit::clickhouse::ClickHouse::start(&dir)?;
+        let collector = bakeoff_testkit::collector::Collector::start_with(
+            &dir,
+            bakeoff_testkit::process::free_port(),
+            bakeoff_testkit::process::free_port(),
+            &["--clickhouse".into(), server.url()],
+        )?;
+        collector_run(&collector, total)?
+    };
+    println!(
+        "\nbakeoff collector benchmark ({cores} cores shared by load generator, collector and store; \
+         {STREAMS} concurrent probe streams, batches of {BATCH})\n"
+    );
+    println!(
+        "{:<12} {:>10} {:>9} {:>11} {:>15} {:>11} {:>7}",
+        "store", "events", "ingest_s", "events/s", "events/s/core", "group_by_s", "groups"
+    );
+    for (name, r) in [("duckdb", duck), ("clickhouse", click)] {
+        println!(
+            "{:<12} {:>10} {:>9.1} {:>11.0} {:>15.0} {:>11.2} {:>7}",
+            name,
+            r.events,
+            r.ingest_s,
+            r.events as f64 / r.ingest_s,
+            r.events as f64 / r.ingest_s / cores as f64,
+            r.group_s,
+            r.groups
+        );
+    }
+    println!(
+        "\ngroup_by_s: GET /api/v1/groups?by=cohort,path (count, errors, p50/p90/p99) over all events"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+struct CollectorRun {
+    events: u64,
+    ingest_s: f64,
+    group_s: f64,
+    groups: usize,
+}
+
+fn collector_run(
+    collector: &bakeoff_testkit::collector::Collector,
+    total: u64,
+) -> Result<CollectorRun> {
+    use bakeoff_proto::v1::{
+        IngestRequest, ProbeHello, ingest_client::IngestClient, ingest_request::Message,
+    };
     let endpoint = collector.endpoint();
     let batches_per_stream = (total as usize).div_ceil(BATCH * STREAMS) as u64;
     let events = batches_per_stream * (BATCH * STREAMS) as u64;
@@ -505,7 +572,6 @@ fn collector(total: u64) -> Result<()> {
         anyhow::Ok(())
     })?;
     let ingest_s = started.elapsed().as_secs_f64();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let t = Instant::now();
     let groups = collector.get("/api/v1/groups?by=cohort,path")?;
     let group_s = t.elapsed().as_secs_f64();
@@ -514,18 +580,10 @@ fn collector(total: u64) -> Result<()> {
         .map(|g| g.iter().filter_map(|r| r["requests"].as_u64()).sum())
         .unwrap_or(0);
     ensure!(stored == events, "stored {stored} of {events} events");
-    println!(
-        "\nbakeoff collector benchmark ({cores} cores, DuckDB, {STREAMS} concurrent probe streams, batches of {BATCH})\n"
-    );
-    println!(
-        "ingested        {events} events in {ingest_s:.1} s: {:.0} events/s, {:.0} events/s per core",
-        events as f64 / ingest_s,
-        events as f64 / ingest_s / cores as f64
-    );
-    println!(
-        "group-by        cohort,path with count, errors, p50/p90/p99 over {stored} events: {group_s:.2} s ({} groups)",
-        groups.as_array().map_or(0, Vec::len)
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok(CollectorRun {
+        events,
+        ingest_s,
+        group_s,
+        groups: groups.as_array().map_or(0, Vec::len),
+    })
 }
