@@ -210,6 +210,17 @@ fn survive_a_kill(name: &str, clickhouse: bool) -> Result<()> {
         errors == 33,
         "503s counted as errors: {errors} (groups: {groups})"
     );
+    // Endpoints per cohort: 3 paths, each hit by a third of the requests.
+    let endpoints = collector.get("/api/v1/endpoints?experiment=collector-it")?;
+    let endpoints = endpoints.as_array().context("endpoints")?;
+    ensure!(
+        endpoints.len() == 3
+            && endpoints.iter().all(|e| e["key"][1] == "canary"
+                && e["key"][2] == "GET"
+                && e["requests"].as_u64().is_some_and(|n| n >= 33)),
+        "{endpoints:?}"
+    );
+
     // The gRPC query service answers the same as the HTTP API.
     check_grpc_queries(&collector, stored, &groups)?;
 

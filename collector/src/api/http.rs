@@ -1,6 +1,7 @@
 //! HTTP JSON API: experiments, raw events filtered by any field, group-bys with quantiles.
 //!
 //! - `GET /api/v1/experiments`: experiments and cohorts with request counts
+//! - `GET /api/v1/endpoints?FIELD=VALUE...`: experiment, cohort, method, path with counts
 //! - `GET /api/v1/events?FIELD=VALUE&...&limit=N`: raw events, newest first
 //! - `GET /api/v1/groups?by=FIELD,FIELD&FIELD=VALUE...`: counts, errors, p50/p90/p99
 //! - `GET /api/v1/ingest`: ingest counters and each probe's last health report
@@ -35,6 +36,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/api/v1/experiments", get(experiments))
+        .route("/api/v1/endpoints", get(endpoints))
         .route("/api/v1/events", get(events))
         .route("/api/v1/groups", get(groups))
         .route("/api/v1/ingest", get(ingest))
@@ -86,6 +88,17 @@ async fn experiments(State(s): State<ApiState>) -> Result<impl IntoResponse, Api
     })
     .await?;
     Ok(Json(rows))
+}
+
+/// Endpoints (method, path) per experiment and cohort, with counts and quantiles; filters as
+/// for `groups` (e.g. `?experiment=checkout`).
+async fn endpoints(
+    State(s): State<ApiState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<impl IntoResponse, ApiError> {
+    let f = filter(&params, &[])?;
+    let by = ["experiment", "cohort", "method", "path"].map(String::from);
+    Ok(Json(run(move || s.store.group(&f, &by)).await?))
 }
 
 async fn events(
