@@ -5,4 +5,6 @@ pub mod api;
 pub mod ingest;
 pub mod metrics;
 pub mod query;
+pub mod stats;
 pub mod store;
+pub mod verdict;

@@ -57,6 +57,39 @@ enum Cmd {
         #[arg(long, env = "BAKEOFF_RETENTION_HOURS", default_value_t = 168)]
         retention_hours: u64,
     },
+    /// Is the canary worse than the baseline? Exit code 0 pass, 1 fail, 2 inconclusive, 3 error.
+    Verdict {
+        /// Experiment name.
+        experiment: String,
+        #[arg(long, default_value = "baseline")]
+        baseline: String,
+        #[arg(long, default_value = "canary")]
+        canary: String,
+        /// The collector's HTTP API.
+        #[arg(long, env = "BAKEOFF_API", default_value = "http://127.0.0.1:8080")]
+        api: String,
+        /// Probability of failing an identical canary (whole experiment, any number of looks).
+        #[arg(long)]
+        alpha: Option<f64>,
+        /// Latency tolerance as a fraction (0.05: a canary up to 5% slower is not harm).
+        #[arg(long)]
+        latency_tolerance: Option<f64>,
+        /// Error-rate tolerance as a fraction (0.005: half a percentage point).
+        #[arg(long)]
+        error_tolerance: Option<f64>,
+        /// Pairs needed before a pass.
+        #[arg(long)]
+        min_pairs: Option<u64>,
+        /// Refresh every this many seconds until the verdict is pass or fail.
+        #[arg(long, value_name = "SECS")]
+        watch: Option<f64>,
+        /// Give up watching after this many seconds (exit 2).
+        #[arg(long, value_name = "SECS", default_value_t = 3600.0)]
+        timeout: f64,
+        /// Print the verdict as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Query events: raw (newest first) or grouped, as a table or JSON.
     Events {
         /// The collector's HTTP API.
@@ -114,6 +147,44 @@ fn main() {
                 None => Backend::DuckDb(db),
             };
             serve(grpc_listen, http_listen, backend, tls, retention_hours)
+        }
+        Cmd::Verdict {
+            experiment,
+            baseline,
+            canary,
+            api,
+            alpha,
+            latency_tolerance,
+            error_tolerance,
+            min_pairs,
+            watch,
+            timeout,
+            json,
+        } => {
+            let mut query = vec![
+                ("experiment", experiment),
+                ("baseline", baseline),
+                ("canary", canary),
+            ];
+            for (k, v) in [
+                ("alpha", alpha),
+                ("latency_tolerance", latency_tolerance),
+                ("error_tolerance", error_tolerance),
+            ] {
+                if let Some(v) = v {
+                    query.push((k, v.to_string()));
+                }
+            }
+            if let Some(v) = min_pairs {
+                query.push(("min_pairs", v.to_string()));
+            }
+            match verdict(&api, &query, watch, timeout, json) {
+                Ok(code) => std::process::exit(code),
+                Err(e) => {
+                    eprintln!("bakeoff: error: {e:#}");
+                    std::process::exit(3);
+                }
+            }
         }
         Cmd::Events {
             api,
@@ -357,5 +428,109 @@ fn group_table(by: &str, rows: &[GroupRow]) -> String {
             r.requests, r.errors, r.p50_ms, r.p90_ms, r.p99_ms
         );
     }
+    out
+}
+
+/// Fetches (and with `watch`, re-fetches) the verdict; returns the exit code.
+fn verdict(
+    api: &str,
+    query: &[(&str, String)],
+    watch: Option<f64>,
+    timeout: f64,
+    json: bool,
+) -> Result<i32> {
+    let url = format!("{}/api/v1/verdict", api.trim_end_matches('/'));
+    let deadline = std::time::Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+    loop {
+        let mut req = ureq::get(&url);
+        for (k, v) in query {
+            req = req.query(*k, v);
+        }
+        let mut resp = req
+            .call()
+            .with_context(|| format!("cannot get the verdict from {api}"))?;
+        let v: serde_json::Value = resp
+            .body_mut()
+            .read_json()
+            .context("bad JSON from the collector")?;
+        let decision = v["decision"].as_str().unwrap_or("inconclusive").to_string();
+        if json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            print!("{}", verdict_table(&v));
+        }
+        let code = match decision.as_str() {
+            "pass" => 0,
+            "fail" => 1,
+            _ => 2,
+        };
+        match watch {
+            Some(every) if code == 2 && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_secs_f64(every.max(0.1)));
+                if !json {
+                    println!();
+                }
+            }
+            _ => return Ok(code),
+        }
+    }
+}
+
+/// The verdict for a terminal: the decision and why, then one line per judged metric.
+fn verdict_table(v: &serde_json::Value) -> String {
+    let s = |x: &serde_json::Value| x.as_str().unwrap_or("-").to_string();
+    let num = |x: &serde_json::Value, scale: f64, digits: usize| {
+        x.as_f64()
+            .map_or("-".to_string(), |f| format!("{:.*}", digits, f * scale))
+    };
+    let mut out = format!(
+        "{} canary `{}` vs baseline `{}`: {} (score {:.0}, {} pairs of {} canary / {} baseline requests, alpha {})\n",
+        s(&v["experiment"]),
+        s(&v["canary"]),
+        s(&v["baseline"]),
+        s(&v["decision"]).to_uppercase(),
+        v["score"].as_f64().unwrap_or(0.0),
+        v["pairs"],
+        v["requests"]["canary"],
+        v["requests"]["baseline"],
+        v["alpha"],
+    );
+    for r in v["reasons"].as_array().into_iter().flatten() {
+        out += &format!("  - {}\n", s(r));
+    }
+    out += &format!(
+        "\n{:<8} {:<28} {:<12} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10} {:>8}\n",
+        "metric",
+        "endpoint",
+        "decision",
+        "pairs",
+        "canary",
+        "baseline",
+        "effect",
+        "e_harm",
+        "e_safe",
+        "kayenta"
+    );
+    for m in v["metrics"].as_array().into_iter().flatten() {
+        let (scale, digits) = if m["metric"] == "errors" {
+            (100.0, 2)
+        } else {
+            (1.0, 3)
+        };
+        out += &format!(
+            "{:<8} {:<28} {:<12} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10} {:>8}\n",
+            s(&m["metric"]),
+            s(&m["endpoint"]),
+            s(&m["decision"]),
+            m["pairs"],
+            num(&m["canary"], scale, digits),
+            num(&m["baseline"], scale, digits),
+            num(&m["effect"], 100.0, 1),
+            num(&m["e_value_harm"], 1.0, 1),
+            num(&m["e_value_safe"], 1.0, 1),
+            s(&m["kayenta"]),
+        );
+    }
+    out += "(latency: p50 ms of paired requests, effect = % of pairs slower beyond tolerance; errors: %, effect = difference in points)\n";
     out
 }

@@ -5,6 +5,9 @@
 //! - `GET /api/v1/events?FIELD=VALUE&...&limit=N`: raw events, newest first
 //! - `GET /api/v1/groups?by=FIELD,FIELD&FIELD=VALUE...`: counts, errors, p50/p90/p99
 //! - `GET /api/v1/ingest`: ingest counters and each probe's last health report
+//! - `GET /api/v1/verdict?experiment=E&baseline=B&canary=C[&alpha=..]`: the verdict (Argo
+//!   Rollouts `web` metric provider)
+//! - `POST /api/v1/flagger`: Flagger webhook (2xx unless the canary fails)
 //! - `GET /metrics`: Prometheus (OpenMetrics text)
 //! - `GET /healthz`
 
@@ -22,6 +25,7 @@ use crate::{
     ingest::IngestStats,
     query::Filter,
     store::{Store, StoreError},
+    verdict::{Decision, JudgeConfig, judge_rows},
 };
 
 #[derive(Clone)]
@@ -40,6 +44,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/events", get(events))
         .route("/api/v1/groups", get(groups))
         .route("/api/v1/ingest", get(ingest))
+        .route("/api/v1/verdict", get(verdict))
+        .route("/api/v1/flagger", axum::routing::post(flagger))
         .with_state(state)
 }
 
@@ -178,4 +184,132 @@ async fn metrics(State(s): State<ApiState>) -> Response {
         )
         .into_response(),
     }
+}
+
+/// Which comparison a verdict request asks for.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct VerdictQuery {
+    pub experiment: String,
+    #[serde(default = "default_baseline")]
+    pub baseline: String,
+    #[serde(default = "default_canary")]
+    pub canary: String,
+    /// Only requests that started at or after this time (Unix ns), e.g. the rollout's start.
+    pub since: Option<u64>,
+    pub alpha: Option<f64>,
+    pub latency_tolerance: Option<f64>,
+    pub error_tolerance: Option<f64>,
+    pub min_pairs: Option<u64>,
+    pub max_endpoints: Option<usize>,
+}
+
+fn default_baseline() -> String {
+    "baseline".into()
+}
+fn default_canary() -> String {
+    "canary".into()
+}
+
+impl VerdictQuery {
+    fn config(&self) -> Result<JudgeConfig, ApiError> {
+        let mut c = JudgeConfig::default();
+        if let Some(v) = self.alpha {
+            c.alpha = v;
+        }
+        if let Some(v) = self.latency_tolerance {
+            c.latency_tolerance = v;
+        }
+        if let Some(v) = self.error_tolerance {
+            c.error_tolerance = v;
+        }
+        if let Some(v) = self.min_pairs {
+            c.min_pairs = v;
+        }
+        if let Some(v) = self.max_endpoints {
+            c.max_endpoints = v;
+        }
+        c.validate()
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+        Ok(c)
+    }
+}
+
+/// Judges and returns the verdict as JSON, with what was compared.
+async fn judge(
+    store: Arc<dyn Store>,
+    q: VerdictQuery,
+) -> Result<(Decision, serde_json::Value), ApiError> {
+    let config = q.config()?;
+    let mut f = Filter::default();
+    f.add("experiment", &q.experiment)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    f.since_unix_ns = q.since;
+    let rows = run(move || store.samples(&f)).await?;
+    let v = judge_rows(&rows, &q.baseline, &q.canary, &config);
+    let decision = v.decision;
+    let mut json = serde_json::to_value(&v)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if let Some(m) = json.as_object_mut() {
+        m.insert("experiment".into(), q.experiment.into());
+        m.insert("baseline".into(), q.baseline.into());
+        m.insert("canary".into(), q.canary.into());
+    }
+    Ok((decision, json))
+}
+
+async fn verdict(
+    State(s): State<ApiState>,
+    Query(q): Query<VerdictQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(judge(s.store.clone(), q).await?.1))
+}
+
+/// Flagger's webhook payload; the comparison comes from `metadata`.
+#[derive(Debug, serde::Deserialize)]
+struct FlaggerHook {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    metadata: HashMap<String, String>,
+}
+
+/// 200 while the canary is not shown worse (pass, or inconclusive unless `strict: "true"`);
+/// 412 when it fails, so Flagger counts a failed check and rolls back at its threshold.
+async fn flagger(
+    State(s): State<ApiState>,
+    Json(hook): Json<FlaggerHook>,
+) -> Result<Response, ApiError> {
+    let m = &hook.metadata;
+    let get = |k: &str| m.get(k).cloned();
+    let parse = |k: &str| -> Result<Option<f64>, ApiError> {
+        get(k)
+            .map(|v| {
+                v.parse().map_err(|_| {
+                    ApiError(
+                        StatusCode::BAD_REQUEST,
+                        format!("metadata.{k}: not a number: {v}"),
+                    )
+                })
+            })
+            .transpose()
+    };
+    let q = VerdictQuery {
+        experiment: get("experiment").unwrap_or_else(|| hook.name.clone()),
+        baseline: get("baseline").unwrap_or_else(default_baseline),
+        canary: get("canary").unwrap_or_else(default_canary),
+        since: parse("since")?.map(|v| v as u64),
+        alpha: parse("alpha")?,
+        latency_tolerance: parse("latency_tolerance")?,
+        error_tolerance: parse("error_tolerance")?,
+        min_pairs: parse("min_pairs")?.map(|v| v as u64),
+        max_endpoints: parse("max_endpoints")?.map(|v| v as usize),
+    };
+    let strict = get("strict").is_some_and(|v| v == "true");
+    let (decision, json) = judge(s.store.clone(), q).await?;
+    let status = match decision {
+        Decision::Fail => StatusCode::PRECONDITION_FAILED,
+        Decision::Inconclusive if strict => StatusCode::PRECONDITION_FAILED,
+        _ => StatusCode::OK,
+    };
+    Ok((status, Json(json)).into_response())
 }

@@ -11,7 +11,7 @@ use std::{fmt::Write as _, time::Duration};
 
 use bakeoff_proto::v1::RequestEvent;
 
-use super::{EVENT_COLUMNS, Store, StoreError, StoredEvent, opt};
+use super::{EVENT_COLUMNS, SAMPLE_COLUMNS, SampleRow, Store, StoreError, StoredEvent, opt};
 use crate::query::{Filter, GroupRow, clickhouse_quote, group_fields};
 
 fn schema(table: &str) -> String {
@@ -277,6 +277,24 @@ impl Store for ClickHouseStore {
             )?;
         }
         Ok(n)
+    }
+
+    fn samples(&self, filter: &Filter) -> Result<Vec<SampleRow>, StoreError> {
+        let clause = filter.to_clickhouse_sql()?;
+        self.execute(
+            &format!(
+                "SELECT {SAMPLE_COLUMNS} FROM {} WHERE {clause} ORDER BY start_unix_ns FORMAT JSONEachRow",
+                self.table
+            ),
+            "",
+        )?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l)
+                .map_err(|e| StoreError::ClickHouse(format!("bad sample row `{l}`: {e}")))
+        })
+        .collect()
     }
 }
 

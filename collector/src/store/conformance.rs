@@ -93,6 +93,18 @@ pub fn check(s: &dyn Store) {
     assert_eq!(since[0].requests, 2);
     assert!(s.group(&Filter::default(), &["nope".into()]).is_err());
 
+    // Samples for the verdict: oldest first, route or path, status kept or null.
+    let samples = s
+        .samples(&Filter::parse(&["experiment=e".into()]).unwrap())
+        .unwrap();
+    let order: Vec<u64> = samples.iter().map(|r| r.start_unix_ns).collect();
+    assert_eq!(order, [1010, 1020, 1030, 1040, 1050]);
+    assert_eq!(samples[1].path, "/b");
+    assert_eq!(samples[1].status, None);
+    assert_eq!(samples[2].status, Some(500));
+    assert_eq!(samples[2].cohort, "canary");
+    assert_eq!(samples[2].duration_ns, 30_000_000);
+
     assert_eq!(s.delete_before(1_015).unwrap(), 1);
 }
 

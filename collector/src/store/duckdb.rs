@@ -6,7 +6,7 @@ use std::{path::Path, sync::Mutex};
 use bakeoff_proto::v1::RequestEvent;
 use duckdb::{Connection, params};
 
-use super::{EVENT_COLUMNS, Store, StoreError, StoredEvent, opt};
+use super::{EVENT_COLUMNS, SAMPLE_COLUMNS, SampleRow, Store, StoreError, StoredEvent, opt};
 use crate::query::{FIELDS, Filter, GroupRow, group_fields};
 
 const SCHEMA: &str = "
@@ -207,6 +207,27 @@ impl Store for DuckDbStore {
             params![unix_ns],
         )?;
         Ok(n as u64)
+    }
+
+    fn samples(&self, filter: &Filter) -> Result<Vec<SampleRow>, StoreError> {
+        let (clause, values) = filter.to_sql()?;
+        let sql =
+            format!("SELECT {SAMPLE_COLUMNS} FROM events WHERE {clause} ORDER BY start_unix_ns");
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(&sql)?;
+        let mut rows = stmt.query(duckdb::params_from_iter(values.iter()))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(SampleRow {
+                cohort: row.get(0)?,
+                method: row.get(1)?,
+                path: row.get(2)?,
+                start_unix_ns: row.get(3)?,
+                duration_ns: row.get(4)?,
+                status: row.get(5)?,
+            });
+        }
+        Ok(out)
     }
 }
 

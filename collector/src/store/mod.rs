@@ -75,4 +75,23 @@ pub trait Store: Send + Sync + 'static {
     fn group(&self, filter: &Filter, by: &[String]) -> Result<Vec<GroupRow>, StoreError>;
     /// Deletes events that started before `unix_ns`; returns how many.
     fn delete_before(&self, unix_ns: u64) -> Result<u64, StoreError>;
+    /// What the verdict needs of each request matching `filter`, oldest first.
+    fn samples(&self, filter: &Filter) -> Result<Vec<SampleRow>, StoreError>;
 }
+
+/// One request as the verdict reads it.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+pub struct SampleRow {
+    pub cohort: String,
+    pub method: String,
+    /// Route template when known, else the path.
+    #[serde(rename = "sample_path")]
+    pub path: String,
+    pub start_unix_ns: u64,
+    pub duration_ns: u64,
+    pub status: Option<i64>,
+}
+
+/// Columns of `SampleRow`, in order, valid SQL for both backends.
+pub(crate) const SAMPLE_COLUMNS: &str =
+    "cohort, method, coalesce(route, path) AS sample_path, start_unix_ns, duration_ns, status";

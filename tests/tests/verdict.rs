@@ -1,0 +1,191 @@
+//! The verdict end to end on the real kernel: three copies of the test server in three cgroups
+//! (baseline; a canary 5 ms slower on /checkout only; an identical canary), watched by the probe,
+//! stored by the collector. The slow canary must FAIL naming /checkout, through the CLI (exit
+//! code 1), the Argo-shaped JSON and the Flagger webhook (412); the identical one must not fail.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use bakeoff_testkit::{
+    cgroup::Cgroup,
+    client::{Conn, Request},
+    collector::Collector,
+    process::{Guard, bin, free_port, wait_for, wait_for_port},
+};
+
+fn server(cg: &Cgroup, extra: &str) -> Result<(Guard, u16)> {
+    let port = free_port();
+    let g = Guard::shell(
+        "test server",
+        &format!(
+            "{}{} --port {port} --delay-ms 1 {extra}",
+            cg.exec_prefix(),
+            bin("bakeoff-testserver")?.display()
+        ),
+        &[],
+    )?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    Ok((g, port))
+}
+
+fn cli_verdict(
+    collector: &Collector,
+    canary: &str,
+    alpha: f64,
+) -> Result<(i32, serde_json::Value)> {
+    let out = Command::new(bin("bakeoff")?)
+        .args(["verdict", "verdict-it", "--canary", canary, "--json"])
+        .args(["--alpha", &alpha.to_string()])
+        .args([
+            "--api",
+            &format!("http://127.0.0.1:{}", collector.http_port),
+        ])
+        .output()?;
+    let code = out.status.code().context("killed")?;
+    let json = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "bakeoff verdict printed no JSON: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    Ok((code, json))
+}
+
+fn flagger(collector: &Collector, canary: &str, alpha: f64) -> Result<u16> {
+    let body = serde_json::json!({
+        "name": "checkout",
+        "namespace": "shop",
+        "phase": "Progressing",
+        "metadata": {
+            "experiment": "verdict-it",
+            "canary": canary,
+            "alpha": alpha.to_string(),
+        }
+    });
+    let resp = ureq::post(&format!(
+        "http://127.0.0.1:{}/api/v1/flagger",
+        collector.http_port
+    ))
+    .config()
+    .http_status_as_error(false)
+    .build()
+    .send_json(&body)?;
+    Ok(resp.status().as_u16())
+}
+
+#[test]
+fn a_slow_route_fails_and_an_identical_canary_does_not() -> Result<()> {
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "run as root (cargo xtask test)"
+    );
+    let dir = PathBuf::from(format!("/tmp/bakeoff-verdict-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let pid = std::process::id();
+    let cgs = [
+        Cgroup::create(&format!("bakeoff-verdict-b-{pid}"))?,
+        Cgroup::create(&format!("bakeoff-verdict-c-{pid}"))?,
+        Cgroup::create(&format!("bakeoff-verdict-s-{pid}"))?,
+    ];
+    let (_b, bport) = server(&cgs[0], "")?;
+    let (_c, cport) = server(&cgs[1], "--slow-path /checkout --slow-ms 5")?;
+    let (_s, sport) = server(&cgs[2], "")?;
+    let collector = Collector::start(&dir)?;
+    let ready = dir.join("ready");
+    let mut probe = Guard::spawn(
+        "bakeoff-probe",
+        Command::new(bin("bakeoff-probe")?)
+            .args(["--experiment", "verdict-it", "--output", "none"])
+            .arg("--cohort")
+            .arg(format!("baseline=cgroup:{}", cgs[0].path().display()))
+            .arg("--cohort")
+            .arg(format!("canary=cgroup:{}", cgs[1].path().display()))
+            .arg("--cohort")
+            .arg(format!("same=cgroup:{}", cgs[2].path().display()))
+            .args(["--collector", &collector.endpoint()])
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("probe.log"))?),
+    )?;
+    wait_for("probe ready", Duration::from_secs(60), || ready.exists())?;
+
+    // Interleaved load, bounded: 3 x 300 requests on three routes.
+    let mut conns = [
+        Conn::connect(bport)?,
+        Conn::connect(cport)?,
+        Conn::connect(sport)?,
+    ];
+    let n = 300;
+    for i in 0..n {
+        let path = ["/", "/checkout", "/search?q=x"][i % 3];
+        for (k, conn) in conns.iter_mut().enumerate() {
+            conn.request(&Request::get(path, &format!("v{k}-{i}")))?;
+        }
+    }
+    wait_for("events stored", Duration::from_secs(30), || {
+        collector
+            .get("/api/v1/groups?experiment=verdict-it")
+            .is_ok_and(|g| g[0]["requests"].as_u64() == Some(3 * n as u64))
+    })?;
+    probe.stop(Duration::from_secs(30))?;
+
+    // The slow canary: FAIL, on /checkout latency only.
+    let (code, v) = cli_verdict(&collector, "canary", 0.001)?;
+    ensure!(code == 1 && v["decision"] == "fail", "exit {code}: {v:#}");
+    let failing: Vec<String> = v["metrics"]
+        .as_array()
+        .context("metrics")?
+        .iter()
+        .filter(|m| m["decision"] == "fail")
+        .map(|m| {
+            format!(
+                "{} {}",
+                m["metric"].as_str().unwrap_or(""),
+                m["endpoint"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    ensure!(
+        failing.iter().any(|f| f == "latency GET /checkout"),
+        "failing: {failing:?}"
+    );
+    ensure!(
+        !failing
+            .iter()
+            .any(|f| f.contains("GET /search") || f == "latency GET /" || f.starts_with("errors")),
+        "failing: {failing:?}"
+    );
+    let checkout = v["metrics"]
+        .as_array()
+        .context("metrics")?
+        .iter()
+        .find(|m| m["metric"] == "latency" && m["endpoint"] == "GET /checkout")
+        .context("checkout metric")?;
+    let shift = checkout["shift_ms"]["estimate"].as_f64().unwrap_or(0.0);
+    ensure!(
+        (4.0..8.0).contains(&shift),
+        "shift {shift} ms for an injected 5 ms"
+    );
+    ensure!(checkout["kayenta"] == "high", "{checkout}");
+    ensure!(flagger(&collector, "canary", 0.001)? == 412);
+
+    // The identical canary: no FAIL (pass needs more data than this short run).
+    let (code, v) = cli_verdict(&collector, "same", 0.001)?;
+    ensure!(code != 1 && v["decision"] != "fail", "exit {code}: {v:#}");
+    ensure!(v["pairs"].as_u64() >= Some(n as u64 / 2), "{v:#}");
+    ensure!(flagger(&collector, "same", 0.001)? == 200);
+
+    // The Argo-shaped JSON is the same verdict.
+    let argo = collector.get("/api/v1/verdict?experiment=verdict-it&canary=canary&alpha=0.001")?;
+    ensure!(argo["decision"] == "fail");
+    let bad = collector.get("/api/v1/verdict?experiment=verdict-it&alpha=2");
+    ensure!(bad.is_err(), "alpha 2 accepted");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
