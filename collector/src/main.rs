@@ -77,9 +77,9 @@ enum Cmd {
         /// Error-rate tolerance as a fraction (0.005: half a percentage point).
         #[arg(long)]
         error_tolerance: Option<f64>,
-        /// Pairs needed before a pass.
+        /// Comparison groups needed before a pass.
         #[arg(long)]
-        min_pairs: Option<u64>,
+        min_groups: Option<u64>,
         /// Refresh every this many seconds until the verdict is pass or fail.
         #[arg(long, value_name = "SECS")]
         watch: Option<f64>,
@@ -156,7 +156,7 @@ fn main() {
             alpha,
             latency_tolerance,
             error_tolerance,
-            min_pairs,
+            min_groups,
             watch,
             timeout,
             json,
@@ -175,8 +175,8 @@ fn main() {
                     query.push((k, v.to_string()));
                 }
             }
-            if let Some(v) = min_pairs {
-                query.push(("min_pairs", v.to_string()));
+            if let Some(v) = min_groups {
+                query.push(("min_groups", v.to_string()));
             }
             match verdict(&api, &query, watch, timeout, json) {
                 Ok(code) => std::process::exit(code),
@@ -484,13 +484,13 @@ fn verdict_table(v: &serde_json::Value) -> String {
             .map_or("-".to_string(), |f| format!("{:.*}", digits, f * scale))
     };
     let mut out = format!(
-        "{} canary `{}` vs baseline `{}`: {} (score {:.0}, {} pairs of {} canary / {} baseline requests, alpha {})\n",
+        "{} canary `{}` vs baseline `{}`: {} (score {:.0}, {} comparison groups from {} canary / {} baseline requests, alpha {})\n",
         s(&v["experiment"]),
         s(&v["canary"]),
         s(&v["baseline"]),
         s(&v["decision"]).to_uppercase(),
         v["score"].as_f64().unwrap_or(0.0),
-        v["pairs"],
+        v["groups"],
         v["requests"]["canary"],
         v["requests"]["baseline"],
         v["alpha"],
@@ -503,7 +503,7 @@ fn verdict_table(v: &serde_json::Value) -> String {
         "metric",
         "endpoint",
         "decision",
-        "pairs",
+        "groups",
         "canary",
         "baseline",
         "effect",
@@ -522,7 +522,7 @@ fn verdict_table(v: &serde_json::Value) -> String {
             s(&m["metric"]),
             s(&m["endpoint"]),
             s(&m["decision"]),
-            m["pairs"],
+            m["groups"],
             num(&m["canary"], scale, digits),
             num(&m["baseline"], scale, digits),
             num(&m["effect"], 100.0, 1),
@@ -531,6 +531,6 @@ fn verdict_table(v: &serde_json::Value) -> String {
             s(&m["kayenta"]),
         );
     }
-    out += "(latency: p50 ms of paired requests, effect = % of pairs slower beyond tolerance; errors: %, effect = difference in points)\n";
+    out += "(latency: p50 ms of compared requests, effect = % of comparisons slower beyond tolerance; errors: %, effect = difference in points)\n";
     out
 }

@@ -1,18 +1,22 @@
 //! The verdict: is the canary worse than the baseline, where? Pure functions over time-ordered
 //! samples, so the same code serves the API, the CLI and the simulation bench.
 //!
-//! Construction (STATISTICS.md): within each endpoint, each request is paired with the nearest
-//! request of the other cohort in arrival order, each request used at most once (the surplus of
-//! the larger cohort is left out). Per pair: latency X = 1 if canary > (1 + tau) * baseline, error
-//! Y = err(canary) - err(baseline). Per metric (latency and errors, per endpoint and overall) two
+//! Construction (STATISTICS.md, extended): within each endpoint, requests are cut into disjoint
+//! groups of neighbours in arrival order; a group closes once it holds both cohorts and at least
+//! `group_size` requests (at most 16 of each cohort are kept, the most recent). Every request is in
+//! at most one group and the cut depends on arrival order only, never on values, so groups are
+//! independent. Per group: latency X = the share of its (canary, baseline) pairs where
+//! canary > (1 + tau) * baseline, errors Y = canary error rate - baseline error rate in the group;
+//! E[X] is P(canary > (1 + tau) baseline), as for single pairs, with less variance (a canary is
+//! compared with several baselines). Per metric (latency and errors, per endpoint and overall) two
 //! betting e-processes: one for harm (E[X] > 1/2, E[Y] > delta) and one for its absence
 //! (E[X] < 1/2, E[Y] < delta). The error budget alpha is split over a number of metrics fixed in
 //! advance (`max_endpoints`), so reading the verdict after every batch, on every metric, keeps the
 //! false-fail probability at most alpha.
 //!
 //! - fail: some harm test crossed K/alpha (at any time so far);
-//! - pass: no fail, at least `min_pairs` pairs, and every judged metric has crossed its
-//!   no-harm threshold (endpoints with fewer than `min_pairs` pairs are not required to);
+//! - pass: no fail, at least `min_groups` groups, and every judged metric has crossed its
+//!   no-harm threshold (endpoints with fewer than `min_groups` groups are not required to);
 //! - otherwise inconclusive.
 
 use std::collections::BTreeMap;
@@ -71,8 +75,10 @@ pub struct JudgeConfig {
     /// Errors: harm is an error rate higher than the baseline's by more than this (0.005 = half
     /// a percentage point).
     pub error_tolerance: f64,
-    /// Pairs needed before a pass (and before an endpoint is required to pass).
-    pub min_pairs: u64,
+    /// Groups needed before a pass (and before an endpoint is required to pass).
+    pub min_groups: u64,
+    /// Requests a comparison group needs (with both cohorts) before it closes.
+    pub group_size: usize,
     /// Endpoints judged on their own (the busiest first); the rest count in "overall" only. Fixed
     /// in advance because alpha is split over 2 x (max_endpoints + 1) metrics.
     pub max_endpoints: usize,
@@ -88,7 +94,8 @@ impl Default for JudgeConfig {
             alpha: 0.05,
             latency_tolerance: 0.05,
             error_tolerance: 0.005,
-            min_pairs: 500,
+            min_groups: 500,
+            group_size: 8,
             max_endpoints: 10,
             kayenta_fraction: 0.25,
             kayenta_confidence: 0.98,
@@ -156,7 +163,9 @@ pub enum Decision {
 /// The tests of one metric pair (latency, errors) on one endpoint or overall.
 #[derive(Clone, Debug)]
 struct Metrics {
-    pairs: u64,
+    groups: u64,
+    canary_requests: u64,
+    baseline_requests: u64,
     latency_harm: MeanTest,
     latency_safe: MeanTest,
     error_harm: MeanTest,
@@ -170,7 +179,9 @@ struct Metrics {
 impl Metrics {
     fn new(c: &JudgeConfig) -> Self {
         Self {
-            pairs: 0,
+            groups: 0,
+            canary_requests: 0,
+            baseline_requests: 0,
             latency_harm: MeanTest::new(0.5, 0.0, 1.0, Direction::Above),
             latency_safe: MeanTest::new(0.5, 0.0, 1.0, Direction::Below),
             error_harm: MeanTest::new(c.error_tolerance, -1.0, 1.0, Direction::Above),
@@ -182,21 +193,44 @@ impl Metrics {
         }
     }
 
-    fn add(&mut self, c: &JudgeConfig, canary: &Sample, baseline: &Sample) {
-        self.pairs += 1;
-        let worse =
-            canary.duration_ns as f64 > (1.0 + c.latency_tolerance) * baseline.duration_ns as f64;
-        let x = f64::from(u8::from(worse));
+    /// Adds one closed group (both slices non-empty).
+    fn add(&mut self, c: &JudgeConfig, canary: &[Sample], baseline: &[Sample]) {
+        self.groups += 1;
+        let mut worse = 0usize;
+        for x in canary {
+            for b in baseline {
+                worse += usize::from(
+                    x.duration_ns as f64 > (1.0 + c.latency_tolerance) * b.duration_ns as f64,
+                );
+            }
+        }
+        let x = worse as f64 / (canary.len() * baseline.len()) as f64;
         self.latency_harm.observe(x);
         self.latency_safe.observe(x);
-        let y = f64::from(u8::from(canary.error)) - f64::from(u8::from(baseline.error));
+        let errors = |v: &[Sample]| v.iter().filter(|s| s.error).count() as u64;
+        let (ce, be) = (errors(canary), errors(baseline));
+        let y = ce as f64 / canary.len() as f64 - be as f64 / baseline.len() as f64;
         self.error_harm.observe(y);
         self.error_safe.observe(y);
-        self.canary_errors += u64::from(canary.error);
-        self.baseline_errors += u64::from(baseline.error);
-        self.canary_ns.push(canary.duration_ns as f64);
-        self.baseline_ns.push(baseline.duration_ns as f64);
+        self.canary_errors += ce;
+        self.baseline_errors += be;
+        self.canary_requests += canary.len() as u64;
+        self.baseline_requests += baseline.len() as u64;
+        self.canary_ns
+            .extend(canary.iter().map(|s| s.duration_ns as f64));
+        self.baseline_ns
+            .extend(baseline.iter().map(|s| s.duration_ns as f64));
     }
+}
+
+/// Most requests of one cohort a group keeps (the most recent).
+const GROUP_CAP: usize = 16;
+
+/// An open comparison group of one endpoint.
+#[derive(Clone, Debug, Default)]
+struct Group {
+    canary: Vec<Sample>,
+    baseline: Vec<Sample>,
 }
 
 /// A streaming judge for one canary against the baseline.
@@ -205,8 +239,8 @@ pub struct Judge {
     config: JudgeConfig,
     overall: Metrics,
     endpoints: BTreeMap<String, Metrics>,
-    /// The unpaired request of each cohort, per endpoint: (canary, baseline).
-    waiting: BTreeMap<String, (Option<Sample>, Option<Sample>)>,
+    /// The open group of each endpoint.
+    open: BTreeMap<String, Group>,
     /// Requests seen per cohort: (canary, baseline).
     seen: (u64, u64),
 }
@@ -217,7 +251,7 @@ impl Judge {
             overall: Metrics::new(&config),
             config,
             endpoints: BTreeMap::new(),
-            waiting: BTreeMap::new(),
+            open: BTreeMap::new(),
             seen: (0, 0),
         }
     }
@@ -229,33 +263,41 @@ impl Judge {
         } else {
             self.seen.1 += 1;
         }
-        let slot = self.waiting.entry(s.endpoint.clone()).or_default();
-        let other = if s.canary { &mut slot.1 } else { &mut slot.0 };
-        match other.take() {
-            Some(o) => {
-                let (canary, baseline) = if s.canary { (&s, &o) } else { (&o, &s) };
-                self.overall.add(&self.config, canary, baseline);
-                let config = &self.config;
-                self.endpoints
-                    .entry(s.endpoint.clone())
-                    .or_insert_with(|| Metrics::new(config))
-                    .add(config, canary, baseline);
-            }
-            // The older unpaired request of this cohort, if any, is surplus from now on.
-            None if s.canary => slot.0 = Some(s),
-            None => slot.1 = Some(s),
+        let group = self.open.entry(s.endpoint.clone()).or_default();
+        let side = if s.canary {
+            &mut group.canary
+        } else {
+            &mut group.baseline
+        };
+        if side.len() == GROUP_CAP {
+            side.remove(0);
         }
+        let endpoint = s.endpoint.clone();
+        side.push(s);
+        if group.canary.is_empty()
+            || group.baseline.is_empty()
+            || group.canary.len() + group.baseline.len() < self.config.group_size
+        {
+            return;
+        }
+        let g = std::mem::take(group);
+        self.overall.add(&self.config, &g.canary, &g.baseline);
+        let config = &self.config;
+        self.endpoints
+            .entry(endpoint)
+            .or_insert_with(|| Metrics::new(config))
+            .add(config, &g.canary, &g.baseline);
     }
 
-    /// Pairs formed so far.
-    pub fn pairs(&self) -> u64 {
-        self.overall.pairs
+    /// Comparison groups closed so far.
+    pub fn groups(&self) -> u64 {
+        self.overall.groups
     }
 
-    /// Endpoints judged on their own: the busiest `max_endpoints` (by pairs, then name).
+    /// Endpoints judged on their own: the busiest `max_endpoints` (by groups, then name).
     fn judged(&self) -> Vec<(&String, &Metrics)> {
         let mut v: Vec<(&String, &Metrics)> = self.endpoints.iter().collect();
-        v.sort_by(|a, b| b.1.pairs.cmp(&a.1.pairs).then(a.0.cmp(b.0)));
+        v.sort_by(|a, b| b.1.groups.cmp(&a.1.groups).then(a.0.cmp(b.0)));
         v.truncate(self.config.max_endpoints);
         v
     }
@@ -269,12 +311,12 @@ impl Judge {
         if harm(&self.overall) || judged.iter().any(|(_, m)| harm(m)) {
             return Decision::Fail;
         }
-        let enough = self.overall.pairs >= self.config.min_pairs;
+        let enough = self.overall.groups >= self.config.min_groups;
         if enough
             && safe(&self.overall)
             && judged
                 .iter()
-                .filter(|(_, m)| m.pairs >= self.config.min_pairs)
+                .filter(|(_, m)| m.groups >= self.config.min_groups)
                 .all(|(_, m)| safe(m))
         {
             Decision::Pass
@@ -298,7 +340,7 @@ impl Judge {
         let decision = self.decision();
         let judged_metrics: Vec<&MetricVerdict> = metrics
             .iter()
-            .filter(|m| m.endpoint == "*" || m.pairs >= self.config.min_pairs)
+            .filter(|m| m.endpoint == "*" || m.groups >= self.config.min_groups)
             .collect();
         let passing = judged_metrics
             .iter()
@@ -317,17 +359,17 @@ impl Judge {
         if reasons.is_empty() {
             reasons = match decision {
                 Decision::Pass => vec![format!(
-                    "no harmful shift on any judged metric ({} pairs)",
-                    self.overall.pairs
+                    "no harmful shift on any judged metric ({} groups)",
+                    self.overall.groups
                 )],
-                _ if self.overall.pairs < self.config.min_pairs => vec![format!(
-                    "{} of the {} pairs needed",
-                    self.overall.pairs, self.config.min_pairs
+                _ if self.overall.groups < self.config.min_groups => vec![format!(
+                    "{} of the {} comparison groups needed",
+                    self.overall.groups, self.config.min_groups
                 )],
                 _ => metrics
                     .iter()
                     .filter(|m| {
-                        m.decision == Decision::Inconclusive && m.pairs >= self.config.min_pairs
+                        m.decision == Decision::Inconclusive && m.groups >= self.config.min_groups
                     })
                     .map(|m| format!("{}: not yet shown harmless", m.name()))
                     .collect(),
@@ -336,7 +378,7 @@ impl Judge {
         Verdict {
             decision,
             score,
-            pairs: self.overall.pairs,
+            groups: self.overall.groups,
             requests: Requests {
                 canary: self.seen.0,
                 baseline: self.seen.1,
@@ -370,10 +412,10 @@ impl Judge {
             .map(|(s, b)| rank::classify(&s, b, c.kayenta_fraction));
         let to_ms = |v: f64| v / 1e6;
         let summary = format!(
-            "latency {endpoint}: canary slower than (1+{tol})x its baseline pair in {share} of {pairs} pairs; p50 {cp} vs {bp} ms (e-value {e:.1}, threshold {t:.0})",
+            "latency {endpoint}: canary slower than (1+{tol})x baseline in {share} of comparisons ({groups} groups); p50 {cp} vs {bp} ms (e-value {e:.1}, threshold {t:.0})",
             tol = c.latency_tolerance,
             share = worse.map_or("-".into(), |w| format!("{:.1}%", 100.0 * w)),
-            pairs = m.pairs,
+            groups = m.groups,
             cp = canary_p50.map_or("-".into(), |v| format!("{:.3}", to_ms(v))),
             bp = baseline_p50.map_or("-".into(), |v| format!("{:.3}", to_ms(v))),
             e = m.latency_harm.max_e_value(),
@@ -383,11 +425,13 @@ impl Judge {
             metric: "latency".into(),
             endpoint: endpoint.to_string(),
             decision,
-            pairs: m.pairs,
+            groups: m.groups,
             canary: canary_p50.map(to_ms),
             baseline: baseline_p50.map(to_ms),
             effect: worse,
-            effect_name: "share of pairs where the canary is slower beyond tolerance".into(),
+            effect_name:
+                "share of canary/baseline comparisons where the canary is slower beyond tolerance"
+                    .into(),
             e_value_harm: m.latency_harm.max_e_value(),
             e_value_safe: m.latency_safe.max_e_value(),
             shift_ms: shift.map(|s| Interval {
@@ -403,13 +447,16 @@ impl Judge {
     fn error_report(&self, endpoint: &str, m: &Metrics, alpha: f64) -> MetricVerdict {
         let c = &self.config;
         let decision = Self::decision_of(&m.error_harm, &m.error_safe, alpha);
-        let rate = |n: u64| (m.pairs > 0).then(|| n as f64 / m.pairs as f64);
-        let (cr, br) = (rate(m.canary_errors), rate(m.baseline_errors));
+        let rate = |e: u64, n: u64| (n > 0).then(|| e as f64 / n as f64);
+        let (cr, br) = (
+            rate(m.canary_errors, m.canary_requests),
+            rate(m.baseline_errors, m.baseline_requests),
+        );
         let summary = format!(
-            "errors {endpoint}: canary {c} vs baseline {b} over {pairs} pairs (tolerance +{tol} points, e-value {e:.1}, threshold {t:.0})",
+            "errors {endpoint}: canary {c} vs baseline {b} ({groups} groups; tolerance +{tol} points, e-value {e:.1}, threshold {t:.0})",
             c = cr.map_or("-".into(), |v| format!("{:.2}%", 100.0 * v)),
             b = br.map_or("-".into(), |v| format!("{:.2}%", 100.0 * v)),
-            pairs = m.pairs,
+            groups = m.groups,
             tol = 100.0 * c.error_tolerance,
             e = m.error_harm.max_e_value(),
             t = c.threshold(),
@@ -418,7 +465,7 @@ impl Judge {
             metric: "errors".into(),
             endpoint: endpoint.to_string(),
             decision,
-            pairs: m.pairs,
+            groups: m.groups,
             canary: cr,
             baseline: br,
             effect: m.error_harm.mean(),
@@ -467,8 +514,9 @@ pub struct MetricVerdict {
     /// `METHOD path`, or `*` for all endpoints together.
     pub endpoint: String,
     pub decision: Decision,
-    pub pairs: u64,
-    /// Latency: p50 in ms of the paired requests; errors: error rate.
+    /// Comparison groups (neighbours in time with both cohorts).
+    pub groups: u64,
+    /// Latency: p50 in ms of the compared requests; errors: error rate.
     pub canary: Option<f64>,
     pub baseline: Option<f64>,
     pub effect: Option<f64>,
@@ -496,7 +544,8 @@ pub struct Verdict {
     pub decision: Decision,
     /// Share of judged metrics already shown harmless, 0..100 (0 on fail).
     pub score: f64,
-    pub pairs: u64,
+    /// Comparison groups closed (neighbours in time holding both cohorts).
+    pub groups: u64,
     pub requests: Requests,
     pub alpha: f64,
     /// E-value each metric's test must reach (metrics / alpha).
@@ -509,30 +558,16 @@ pub struct Verdict {
 mod tests {
     use super::*;
 
-    struct Rng(u64);
-    impl Rng {
-        fn uniform(&mut self) -> f64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-        }
-        fn lognormal(&mut self, median_ms: f64, sigma: f64) -> u64 {
-            let (u1, u2) = (self.uniform().max(1e-300), self.uniform());
-            let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-            (median_ms * 1e6 * (sigma * z).exp()) as u64
-        }
-    }
+    use crate::stats::sim::{Rng, Shape};
 
     fn run(shift: f64, slow_endpoint: &str, extra_error: f64, n: usize, seed: u64) -> Judge {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let mut j = Judge::new(JudgeConfig::default());
         for i in 0..n {
             let endpoint = ["GET /", "GET /checkout", "GET /search"][i % 3];
             let canary = rng.uniform() < 0.3;
             let slow = canary && endpoint == slow_endpoint;
-            let d = rng.lognormal(20.0, 0.5) as f64 * if slow { 1.0 + shift } else { 1.0 };
+            let d = Shape::LogNormal.sample(&mut rng, 20.0) * if slow { 1.0 + shift } else { 1.0 };
             let p_err = 0.01 + if canary { extra_error } else { 0.0 };
             j.observe(Sample {
                 canary,
@@ -585,41 +620,49 @@ mod tests {
     fn too_little_data_is_inconclusive_never_pass() {
         let v = run(0.0, "", 0.0, 300, 6).verdict();
         assert_eq!(v.decision, Decision::Inconclusive);
-        assert!(v.reasons[0].contains("pairs needed"), "{:?}", v.reasons);
+        assert!(v.reasons[0].contains("groups needed"), "{:?}", v.reasons);
         let empty = Judge::new(JudgeConfig::default()).verdict();
         assert_eq!(empty.decision, Decision::Inconclusive);
-        assert_eq!(empty.pairs, 0);
+        assert_eq!(empty.groups, 0);
     }
 
     #[test]
-    fn pairing_uses_each_request_once_and_leaves_the_surplus() {
-        let mut j = Judge::new(JudgeConfig::default());
+    fn groups_are_disjoint_neighbours_holding_both_cohorts() {
+        let mut j = Judge::new(JudgeConfig {
+            group_size: 3,
+            ..JudgeConfig::default()
+        });
         let s = |canary, ms: u64| Sample {
             canary,
             endpoint: "GET /".into(),
             duration_ns: ms * 1_000_000,
             error: false,
         };
-        // b b c b c c b: pairs (b2,c1), (c2,b3), (c3,b4); b1 is surplus.
+        // b b c | c c c b | b: two groups closed, the last baseline waits.
         for (c, ms) in [
             (false, 1),
             (false, 2),
             (true, 3),
-            (false, 4),
+            (true, 4),
             (true, 5),
             (true, 6),
             (false, 7),
+            (false, 8),
         ] {
             j.observe(s(c, ms));
         }
-        assert_eq!(j.pairs(), 3);
+        assert_eq!(j.groups(), 2);
+        let v = j.verdict();
         assert_eq!(
-            j.verdict().requests,
+            v.requests,
             Requests {
-                canary: 3,
+                canary: 4,
                 baseline: 4
             }
         );
+        let latency = &v.metrics[0];
+        // Group 1: canary 3 vs baselines 1, 2: slower in 2 of 2. Group 2: 4, 5, 6 vs 7: 0 of 3.
+        assert_eq!(latency.effect, Some(0.5));
     }
 
     #[test]

@@ -160,6 +160,9 @@ fn main() -> Result<()> {
             events,
         } => {
             let bins = build(true)?;
+            if which == "verdict" {
+                return run(&mut Command::new(bins.join("bakeoff-bench-verdict")));
+            }
             run(Command::new(bins.join("bakeoff-bench"))
                 .arg(which)
                 .args(["--rounds", &rounds.to_string()])

@@ -199,7 +199,7 @@ pub struct VerdictQuery {
     pub alpha: Option<f64>,
     pub latency_tolerance: Option<f64>,
     pub error_tolerance: Option<f64>,
-    pub min_pairs: Option<u64>,
+    pub min_groups: Option<u64>,
     pub max_endpoints: Option<usize>,
 }
 
@@ -222,8 +222,8 @@ impl VerdictQuery {
         if let Some(v) = self.error_tolerance {
             c.error_tolerance = v;
         }
-        if let Some(v) = self.min_pairs {
-            c.min_pairs = v;
+        if let Some(v) = self.min_groups {
+            c.min_groups = v;
         }
         if let Some(v) = self.max_endpoints {
             c.max_endpoints = v;
@@ -301,7 +301,7 @@ async fn flagger(
         alpha: parse("alpha")?,
         latency_tolerance: parse("latency_tolerance")?,
         error_tolerance: parse("error_tolerance")?,
-        min_pairs: parse("min_pairs")?.map(|v| v as u64),
+        min_groups: parse("min_groups")?.map(|v| v as u64),
         max_endpoints: parse("max_endpoints")?.map(|v| v as usize),
     };
     let strict = get("strict").is_some_and(|v| v == "true");

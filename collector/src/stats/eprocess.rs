@@ -115,23 +115,13 @@ impl MeanTest {
 mod tests {
     use super::*;
 
-    /// SplitMix64: deterministic uniform numbers for the tests.
-    struct Rng(u64);
-    impl Rng {
-        fn uniform(&mut self) -> f64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-        }
-    }
+    use crate::stats::sim::Rng;
 
     #[test]
     fn a_fair_coin_rarely_crosses_and_a_biased_one_does() {
         let alpha = 0.05;
         let mut false_rejections = 0;
-        let mut rng = Rng(1);
+        let mut rng = Rng::new(1);
         for _ in 0..400 {
             let mut t = MeanTest::new(0.5, 0.0, 1.0, Direction::Above);
             for _ in 0..2_000 {

@@ -4,3 +4,4 @@
 
 pub mod eprocess;
 pub mod rank;
+pub mod sim;
