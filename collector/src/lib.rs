@@ -1,7 +1,9 @@
 //! bakeoff's collector. Data moves one way: `ingest` (gRPC from probes) -> `store` (raw events,
-//! DuckDB) -> `query` (read-time filters and group-bys) -> `api` (HTTP JSON) and the CLI.
+//! DuckDB or ClickHouse) -> `query` (read-time filters and group-bys), `stats` (pure statistics)
+//! -> `drilldown` -> `verdict` -> `api` (HTTP JSON, gRPC) and the CLI.
 
 pub mod api;
+pub mod drilldown;
 pub mod ingest;
 pub mod metrics;
 pub mod query;

@@ -531,6 +531,33 @@ fn verdict_table(v: &serde_json::Value) -> String {
             s(&m["kayenta"]),
         );
     }
+    for m in v["metrics"].as_array().into_iter().flatten() {
+        let Some(rows) = m["drilldown"].as_array().filter(|r| !r.is_empty()) else {
+            continue;
+        };
+        out += &format!(
+            "\nwhere {} {} fails, the canary's bad requests are mostly:\n{:<14} {:<28} {:>10} {:>12} {:>14} {:>8}\n",
+            s(&m["metric"]),
+            s(&m["endpoint"]),
+            "dimension",
+            "value",
+            "bad",
+            "bad_share",
+            "baseline_share",
+            "score"
+        );
+        for r in rows {
+            out += &format!(
+                "{:<14} {:<28} {:>10} {:>11.1}% {:>13.1}% {:>8.2}\n",
+                s(&r["dimension"]),
+                s(&r["value"]),
+                r["canary_bad"],
+                100.0 * r["bad_share"].as_f64().unwrap_or(0.0),
+                100.0 * r["baseline_share"].as_f64().unwrap_or(0.0),
+                r["score"].as_f64().unwrap_or(0.0),
+            );
+        }
+    }
     out += "(latency: p50 ms of compared requests, effect = % of comparisons slower beyond tolerance; errors: %, effect = difference in points)\n";
     out
 }

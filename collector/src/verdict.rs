@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    drilldown::{DrillRow, drilldown},
     stats::{
         eprocess::{Direction, MeanTest},
         rank::{self, Classification},
@@ -55,12 +56,21 @@ pub fn judge_rows(
         }
         judge.observe(Sample {
             canary: is_canary,
-            endpoint: endpoint_of(r),
+            endpoint: r.endpoint(),
             duration_ns: r.duration_ns,
             error: r.status.is_none_or(|s| s >= 500),
         });
     }
-    judge.verdict()
+    let mut verdict = judge.verdict();
+    // Where and for whom: rank dimension values for each failing metric.
+    for m in verdict
+        .metrics
+        .iter_mut()
+        .filter(|m| m.decision == Decision::Fail)
+    {
+        m.drilldown = drilldown(rows, baseline, canary, &m.metric, Some(&m.endpoint), 5);
+    }
+    verdict
 }
 
 /// What is judged and how strictly.
@@ -441,6 +451,7 @@ impl Judge {
             }),
             kayenta,
             summary,
+            drilldown: Vec::new(),
         }
     }
 
@@ -475,6 +486,7 @@ impl Judge {
             shift_ms: None,
             kayenta: None,
             summary,
+            drilldown: Vec::new(),
         }
     }
 }
@@ -530,6 +542,9 @@ pub struct MetricVerdict {
     /// valid under repeated looks.
     pub kayenta: Option<Classification>,
     pub summary: String,
+    /// For a failing metric: the dimension values that best explain it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drilldown: Vec<DrillRow>,
 }
 
 impl MetricVerdict {

@@ -40,4 +40,7 @@ pub struct RequestEvent {
     pub peer: Option<String>,
     pub request_id: Option<String>,
     pub traceparent: Option<String>,
+    /// The request's `user-agent`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
 }

@@ -304,6 +304,7 @@ impl Pipeline {
             peer: peer.map(|p| p.to_string()),
             request_id: None,
             traceparent: None,
+            user_agent: None,
         }
     }
 
@@ -325,6 +326,7 @@ impl Pipeline {
             bytes_out,
             request_id: x.request.request_id,
             traceparent: x.request.traceparent,
+            user_agent: x.request.user_agent,
             ..self.base_event(d.tgid, d.cohort, d.role, d.peer)
         }
     }
@@ -339,6 +341,7 @@ impl Pipeline {
             start_unix_ns: start,
             request_id: u.request.request_id,
             traceparent: u.request.traceparent,
+            user_agent: u.request.user_agent,
             ..self.base_event(u.tgid, u.cohort, u.role, u.peer)
         }
     }

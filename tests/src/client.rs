@@ -20,6 +20,8 @@ pub struct Request {
     pub chunked: Option<usize>,
     /// More header lines, e.g. `traceparent`.
     pub headers: Vec<(String, String)>,
+    /// `User-Agent` (default `bakeoff-testkit`).
+    pub user_agent: Option<String>,
 }
 
 impl Request {
@@ -31,6 +33,7 @@ impl Request {
             body: Vec::new(),
             chunked: None,
             headers: Vec::new(),
+            user_agent: None,
         }
     }
 
@@ -45,8 +48,11 @@ impl Request {
     /// The exact bytes on the wire.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = format!(
-            "{} {} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bakeoff-testkit\r\nx-request-id: {}\r\n",
-            self.method, self.path, self.request_id
+            "{} {} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: {}\r\nx-request-id: {}\r\n",
+            self.method,
+            self.path,
+            self.user_agent.as_deref().unwrap_or("bakeoff-testkit"),
+            self.request_id
         )
         .into_bytes();
         for (name, value) in &self.headers {

@@ -8,6 +8,8 @@
 //! - `GET /api/v1/verdict?experiment=E&baseline=B&canary=C[&alpha=..]`: the verdict (Argo
 //!   Rollouts `web` metric provider)
 //! - `POST /api/v1/flagger`: Flagger webhook (2xx unless the canary fails)
+//! - `GET /api/v1/drilldown?experiment=E&metric=latency|errors&endpoint=GET%20/x`: dimension
+//!   values ranked by how much they explain the canary's bad requests
 //! - `GET /metrics`: Prometheus (OpenMetrics text)
 //! - `GET /healthz`
 
@@ -45,6 +47,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/groups", get(groups))
         .route("/api/v1/ingest", get(ingest))
         .route("/api/v1/verdict", get(verdict))
+        .route("/api/v1/drilldown", get(drill))
         .route("/api/v1/flagger", axum::routing::post(flagger))
         .with_state(state)
 }
@@ -312,4 +315,49 @@ async fn flagger(
         _ => StatusCode::OK,
     };
     Ok((status, Json(json)).into_response())
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct DrillQuery {
+    experiment: String,
+    #[serde(default = "default_baseline")]
+    baseline: String,
+    #[serde(default = "default_canary")]
+    canary: String,
+    #[serde(default = "default_metric")]
+    metric: String,
+    /// `METHOD path`, or absent for all endpoints.
+    endpoint: Option<String>,
+    since: Option<u64>,
+    limit: Option<usize>,
+}
+
+fn default_metric() -> String {
+    "latency".into()
+}
+
+async fn drill(
+    State(s): State<ApiState>,
+    Query(q): Query<DrillQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    if q.metric != "latency" && q.metric != "errors" {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("metric `{}`: latency or errors", q.metric),
+        ));
+    }
+    let mut f = Filter::default();
+    f.add("experiment", &q.experiment)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    f.since_unix_ns = q.since;
+    let store = s.store.clone();
+    let rows = run(move || store.samples(&f)).await?;
+    Ok(Json(crate::drilldown::drilldown(
+        &rows,
+        &q.baseline,
+        &q.canary,
+        &q.metric,
+        q.endpoint.as_deref(),
+        q.limit.unwrap_or(20).min(1000),
+    )))
 }

@@ -104,6 +104,11 @@ pub fn check(s: &dyn Store) {
     assert_eq!(samples[2].status, Some(500));
     assert_eq!(samples[2].cohort, "canary");
     assert_eq!(samples[2].duration_ns, 30_000_000);
+    assert_eq!(samples[2].peer.as_deref(), Some("10.0.0.1:80"));
+    assert_eq!(samples[2].pod, None);
+    let attributes: serde_json::Value =
+        serde_json::from_str(samples[2].attributes.as_deref().unwrap()).unwrap();
+    assert_eq!(attributes["client"], "mobile");
 
     assert_eq!(s.delete_before(1_015).unwrap(), 1);
 }

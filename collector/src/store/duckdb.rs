@@ -225,6 +225,11 @@ impl Store for DuckDbStore {
                 start_unix_ns: row.get(3)?,
                 duration_ns: row.get(4)?,
                 status: row.get(5)?,
+                peer: row.get(6)?,
+                node: row.get(7)?,
+                pod: row.get(8)?,
+                exe: row.get(9)?,
+                attributes: row.get(10)?,
             });
         }
         Ok(out)

@@ -90,8 +90,26 @@ pub struct SampleRow {
     pub start_unix_ns: u64,
     pub duration_ns: u64,
     pub status: Option<i64>,
+    /// Drill-down dimensions.
+    pub peer: Option<String>,
+    pub node: Option<String>,
+    pub pod: Option<String>,
+    pub exe: Option<String>,
+    /// Free-form attributes as a JSON object (e.g. `user_agent`).
+    pub attributes: Option<String>,
+}
+
+impl SampleRow {
+    /// `METHOD path` with the query string left out (routes are low-cardinality, queries not).
+    pub fn endpoint(&self) -> String {
+        let path = self
+            .path
+            .split_once('?')
+            .map_or(self.path.as_str(), |(p, _)| p);
+        format!("{} {path}", self.method)
+    }
 }
 
 /// Columns of `SampleRow`, in order, valid SQL for both backends.
-pub(crate) const SAMPLE_COLUMNS: &str =
-    "cohort, method, coalesce(route, path) AS sample_path, start_unix_ns, duration_ns, status";
+pub(crate) const SAMPLE_COLUMNS: &str = "cohort, method, coalesce(route, path) AS sample_path, start_unix_ns, duration_ns, status, \
+     peer, node, pod, exe, attributes";

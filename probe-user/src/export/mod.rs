@@ -30,6 +30,11 @@ pub fn to_proto(e: &RequestEvent) -> v1::RequestEvent {
         peer: e.peer.clone().unwrap_or_default(),
         request_id: e.request_id.clone().unwrap_or_default(),
         traceparent: e.traceparent.clone().unwrap_or_default(),
+        attributes: e
+            .user_agent
+            .iter()
+            .map(|ua| ("user_agent".to_string(), ua.clone()))
+            .collect(),
         ..v1::RequestEvent::default()
     }
 }

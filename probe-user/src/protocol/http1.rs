@@ -35,6 +35,8 @@ pub struct Head {
     pub request_id: Option<String>,
     /// `traceparent`, if present.
     pub traceparent: Option<String>,
+    /// `user-agent`, if present: the kind of client, a drill-down dimension.
+    pub user_agent: Option<String>,
     /// The connection changes protocol after this message (101, or a 2xx to CONNECT).
     pub upgrade: bool,
 }
@@ -484,6 +486,8 @@ impl Framing {
                 head.request_id = Some(text(h.value));
             } else if h.name.eq_ignore_ascii_case("traceparent") {
                 head.traceparent = Some(text(h.value));
+            } else if h.name.eq_ignore_ascii_case("user-agent") {
+                head.user_agent = Some(text(h.value));
             }
         }
         (f, head)
