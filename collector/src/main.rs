@@ -90,6 +90,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write the experiment's HTML report (one self-contained file) from the collector.
+    Report {
+        experiment: String,
+        /// Output file.
+        #[arg(short, long, default_value = "report.html")]
+        output: PathBuf,
+        #[arg(long, default_value = "baseline")]
+        baseline: String,
+        #[arg(long, default_value = "canary")]
+        canary: String,
+        /// The collector's HTTP API.
+        #[arg(long, env = "BAKEOFF_API", default_value = "http://127.0.0.1:8080")]
+        api: String,
+        #[arg(long)]
+        alpha: Option<f64>,
+    },
     /// Query events: raw (newest first) or grouped, as a table or JSON.
     Events {
         /// The collector's HTTP API.
@@ -186,6 +202,14 @@ fn main() {
                 }
             }
         }
+        Cmd::Report {
+            experiment,
+            output,
+            baseline,
+            canary,
+            api,
+            alpha,
+        } => report(&api, &experiment, &baseline, &canary, alpha, &output),
         Cmd::Events {
             api,
             filters,
@@ -560,4 +584,33 @@ fn verdict_table(v: &serde_json::Value) -> String {
     }
     out += "(latency: p50 ms of compared requests, effect = % of comparisons slower beyond tolerance; errors: %, effect = difference in points)\n";
     out
+}
+
+/// Fetches the report page and writes it to `output`.
+fn report(
+    api: &str,
+    experiment: &str,
+    baseline: &str,
+    canary: &str,
+    alpha: Option<f64>,
+    output: &std::path::Path,
+) -> Result<()> {
+    let mut req = ureq::get(&format!("{}/report", api.trim_end_matches('/')))
+        .query("experiment", experiment)
+        .query("baseline", baseline)
+        .query("canary", canary);
+    if let Some(a) = alpha {
+        req = req.query("alpha", a.to_string());
+    }
+    let html = req
+        .call()
+        .with_context(|| format!("cannot get the report from {api}"))?
+        .body_mut()
+        .with_config()
+        .limit(256 << 20)
+        .read_to_string()
+        .context("cannot read the report")?;
+    std::fs::write(output, html).with_context(|| format!("cannot write {}", output.display()))?;
+    println!("report written to {}", output.display());
+    Ok(())
 }

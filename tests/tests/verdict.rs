@@ -132,7 +132,14 @@ fn a_slow_route_fails_and_an_identical_canary_does_not() -> Result<()> {
             let mut req = Request::get(path, &format!("v{k}-{i}"));
             // Two clients in three are mobile, on every route.
             let mobile = (i / 3) % 3 != 0;
-            req.user_agent = Some(if mobile { "mobile-app/3.1" } else { "desktop-web/9" }.into());
+            req.user_agent = Some(
+                if mobile {
+                    "mobile-app/3.1"
+                } else {
+                    "desktop-web/9"
+                }
+                .into(),
+            );
             conn.request(&req)?;
         }
     }
@@ -197,6 +204,109 @@ fn a_slow_route_fails_and_an_identical_canary_does_not() -> Result<()> {
     ensure!(argo["decision"] == "fail");
     let bad = collector.get("/api/v1/verdict?experiment=verdict-it&alpha=2");
     ensure!(bad.is_err(), "alpha 2 accepted");
+
+    // The HTML report, rendered by a real headless Chromium: no console message, a screenshot,
+    // and the numbers on the page equal the API's.
+    let report = dir.join("report.html");
+    let out = Command::new(bin("bakeoff")?)
+        .args([
+            "report",
+            "verdict-it",
+            "--canary",
+            "canary",
+            "--alpha",
+            "0.01",
+        ])
+        .args([
+            "--api",
+            &format!("http://127.0.0.1:{}", collector.http_port),
+        ])
+        .arg("-o")
+        .arg(&report)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_report_in_chromium(&report, &argo, &dir)?;
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Renders the report headless, takes a screenshot, and compares the page's numbers with `api`.
+fn check_report_in_chromium(
+    report: &std::path::Path,
+    api: &serde_json::Value,
+    dir: &std::path::Path,
+) -> Result<()> {
+    const CHROMIUM: &str = "/usr/bin/chromium";
+    ensure!(
+        std::path::Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: run `cargo xtask bootstrap` (Debian package chromium)"
+    );
+    let url = format!("file://{}", report.display());
+    let chromium = |args: &[&str]| {
+        Command::new(CHROMIUM)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--enable-logging=stderr",
+                "--v=0",
+            ])
+            .arg(format!(
+                "--user-data-dir={}",
+                dir.join("chromium").display()
+            ))
+            .args(args)
+            .arg(&url)
+            .output()
+    };
+    let shot = std::env::temp_dir().join("bakeoff-report.png");
+    let _ = std::fs::remove_file(&shot);
+    let s = chromium(&[
+        &format!("--screenshot={}", shot.display()),
+        "--window-size=1200,2600",
+    ])?;
+    ensure!(
+        shot.metadata().is_ok_and(|m| m.len() > 10_000),
+        "no screenshot: {}",
+        String::from_utf8_lossy(&s.stderr)
+    );
+    let dom = chromium(&["--dump-dom"])?;
+    let stderr = String::from_utf8_lossy(&dom.stderr);
+    ensure!(!stderr.contains("CONSOLE"), "console messages: {stderr}");
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    ensure!(dom.contains("<svg"), "no charts rendered");
+    let attr = |needle: &str| -> Option<String> {
+        let start = dom.find(needle)? + needle.len();
+        let rest = &dom[start..];
+        Some(rest[..rest.find('"')?].to_string())
+    };
+    ensure!(
+        attr("id=\"decision\" data-decision=\"").as_deref() == api["decision"].as_str(),
+        "decision on the page differs from the API's {}",
+        api["decision"]
+    );
+    ensure!(
+        attr("id=\"groups\" data-groups=\"") == Some(api["groups"].to_string()),
+        "groups on the page differ from the API's {}",
+        api["groups"]
+    );
+    for m in api["metrics"].as_array().context("metrics")? {
+        let row = format!(
+            "data-metric=\"{}\" data-endpoint=\"{}\" data-decision=\"{}\" data-groups=\"{}\"",
+            m["metric"].as_str().unwrap_or(""),
+            m["endpoint"].as_str().unwrap_or(""),
+            m["decision"].as_str().unwrap_or(""),
+            m["groups"]
+        );
+        ensure!(dom.contains(&row), "the page has no row {row}");
+    }
+    ensure!(
+        dom.contains("data-value=\"mobile-app/3.1\""),
+        "no drill-down row on the page"
+    );
     Ok(())
 }

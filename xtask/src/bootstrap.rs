@@ -16,6 +16,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("procps", "/usr/bin/pgrep"),
     ("protobuf-compiler", "/usr/bin/protoc"),
     ("clickhouse-server", "/usr/sbin/clickhouse-server"),
+    ("chromium", "/usr/bin/chromium"),
 ];
 
 /// Where the prebuilt libduckdb goes; `.cargo/config.toml` points DUCKDB_LIB_DIR here.

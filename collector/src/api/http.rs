@@ -10,6 +10,7 @@
 //! - `POST /api/v1/flagger`: Flagger webhook (2xx unless the canary fails)
 //! - `GET /api/v1/drilldown?experiment=E&metric=latency|errors&endpoint=GET%20/x`: dimension
 //!   values ranked by how much they explain the canary's bad requests
+//! - `GET /report?experiment=E&baseline=B&canary=C`: the self-contained HTML report
 //! - `GET /metrics`: Prometheus (OpenMetrics text)
 //! - `GET /healthz`
 
@@ -26,8 +27,9 @@ use axum::{
 use crate::{
     ingest::IngestStats,
     query::Filter,
+    store::SampleRow,
     store::{Store, StoreError},
-    verdict::{Decision, JudgeConfig, judge_rows},
+    verdict::{Decision, JudgeConfig, Verdict, judge_rows},
 };
 
 #[derive(Clone)]
@@ -48,6 +50,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/ingest", get(ingest))
         .route("/api/v1/verdict", get(verdict))
         .route("/api/v1/drilldown", get(drill))
+        .route("/report", get(report))
         .route("/api/v1/flagger", axum::routing::post(flagger))
         .with_state(state)
 }
@@ -237,11 +240,11 @@ impl VerdictQuery {
     }
 }
 
-/// Judges and returns the verdict as JSON, with what was compared.
-async fn judge(
+/// The verdict and the rows it was computed from.
+async fn judged(
     store: Arc<dyn Store>,
-    q: VerdictQuery,
-) -> Result<(Decision, serde_json::Value), ApiError> {
+    q: &VerdictQuery,
+) -> Result<(Verdict, Vec<SampleRow>), ApiError> {
     let config = q.config()?;
     let mut f = Filter::default();
     f.add("experiment", &q.experiment)
@@ -249,6 +252,15 @@ async fn judge(
     f.since_unix_ns = q.since;
     let rows = run(move || store.samples(&f)).await?;
     let v = judge_rows(&rows, &q.baseline, &q.canary, &config);
+    Ok((v, rows))
+}
+
+/// Judges and returns the verdict as JSON, with what was compared.
+async fn judge(
+    store: Arc<dyn Store>,
+    q: VerdictQuery,
+) -> Result<(Decision, serde_json::Value), ApiError> {
+    let (v, _) = judged(store, &q).await?;
     let decision = v.decision;
     let mut json = serde_json::to_value(&v)
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
@@ -360,4 +372,17 @@ async fn drill(
         q.endpoint.as_deref(),
         q.limit.unwrap_or(20).min(1000),
     )))
+}
+
+async fn report(
+    State(s): State<ApiState>,
+    Query(q): Query<VerdictQuery>,
+) -> Result<Response, ApiError> {
+    let (v, rows) = judged(s.store.clone(), &q).await?;
+    let html = crate::report::render(&q.experiment, &q.baseline, &q.canary, &v, &rows);
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        html,
+    )
+        .into_response())
 }
