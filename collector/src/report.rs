@@ -26,6 +26,11 @@ pub fn esc(s: &str) -> String {
     out
 }
 
+/// One line of a chart: name, color, points.
+type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+/// Latencies in ms of (canary, baseline).
+type Latencies = (Vec<f64>, Vec<f64>);
+
 const BASELINE_COLOR: &str = "#3b6ea5";
 const CANARY_COLOR: &str = "#d9534f";
 
@@ -39,12 +44,7 @@ fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
 }
 
 /// A line chart of several series as inline SVG. Points are (x, y) in data units.
-fn svg_chart(
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    series: &[(&str, &str, Vec<(f64, f64)>)],
-) -> String {
+fn svg_chart(title: &str, x_label: &str, y_label: &str, series: &[Series<'_>]) -> String {
     let (w, h, left, bottom, top, right) = (520.0, 240.0, 56.0, 36.0, 24.0, 12.0);
     let points = series.iter().flat_map(|s| s.2.iter());
     let (mut x0, mut x1, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, 0.0f64);
@@ -262,7 +262,7 @@ alpha {alpha} (valid however often this is read).</p><ul>",
     }
 
     // Latency CDFs per endpoint (the busiest 8).
-    let mut by_endpoint: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    let mut by_endpoint: BTreeMap<String, Latencies> = BTreeMap::new();
     for r in rows
         .iter()
         .filter(|r| r.cohort == baseline || r.cohort == canary)
@@ -275,7 +275,7 @@ alpha {alpha} (valid however often this is read).</p><ul>",
             e.1.push(ms)
         }
     }
-    let mut endpoints: Vec<(String, (Vec<f64>, Vec<f64>))> = by_endpoint.into_iter().collect();
+    let mut endpoints: Vec<(String, Latencies)> = by_endpoint.into_iter().collect();
     endpoints.sort_by_key(|(_, (c, b))| std::cmp::Reverse(c.len() + b.len()));
     endpoints.truncate(8);
     html.push_str("<h2>Latency distribution per endpoint</h2>");
