@@ -500,6 +500,25 @@ fn verdict(
     }
 }
 
+/// E-values grow geometrically: beyond a million, the exponent is what matters.
+fn e_value(v: &serde_json::Value) -> String {
+    match v.as_f64() {
+        Some(x) if x >= 1e6 => format!("{x:.2e}"),
+        Some(x) => format!("{x:.1}"),
+        None => "-".into(),
+    }
+}
+
+/// At most `n` characters, with an ellipsis when cut.
+fn fit(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let cut: String = s.chars().take(n.saturating_sub(1)).collect();
+        format!("{cut}…")
+    }
+}
+
 /// The verdict for a terminal: the decision and why, then one line per judged metric.
 fn verdict_table(v: &serde_json::Value) -> String {
     let s = |x: &serde_json::Value| x.as_str().unwrap_or("-").to_string();
@@ -544,14 +563,14 @@ fn verdict_table(v: &serde_json::Value) -> String {
         out += &format!(
             "{:<8} {:<28} {:<12} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10} {:>8}\n",
             s(&m["metric"]),
-            s(&m["endpoint"]),
+            fit(&s(&m["endpoint"]), 28),
             s(&m["decision"]),
             m["groups"],
             num(&m["canary"], scale, digits),
             num(&m["baseline"], scale, digits),
             num(&m["effect"], 100.0, 1),
-            num(&m["e_value_harm"], 1.0, 1),
-            num(&m["e_value_safe"], 1.0, 1),
+            e_value(&m["e_value_harm"]),
+            e_value(&m["e_value_safe"]),
             s(&m["kayenta"]),
         );
     }
@@ -560,7 +579,7 @@ fn verdict_table(v: &serde_json::Value) -> String {
             continue;
         };
         out += &format!(
-            "\nwhere {} {} fails, the canary's bad requests are mostly:\n{:<14} {:<28} {:>10} {:>12} {:>14} {:>8}\n",
+            "\nwhere {} {} fails, the canary's bad requests are mostly:\n{:<14} {:<36} {:>8} {:>10} {:>15} {:>6}\n",
             s(&m["metric"]),
             s(&m["endpoint"]),
             "dimension",
@@ -572,9 +591,9 @@ fn verdict_table(v: &serde_json::Value) -> String {
         );
         for r in rows {
             out += &format!(
-                "{:<14} {:<28} {:>10} {:>11.1}% {:>13.1}% {:>8.2}\n",
-                s(&r["dimension"]),
-                s(&r["value"]),
+                "{:<14} {:<36} {:>8} {:>9.1}% {:>14.1}% {:>6.2}\n",
+                fit(&s(&r["dimension"]), 14),
+                fit(&s(&r["value"]), 36),
                 r["canary_bad"],
                 100.0 * r["bad_share"].as_f64().unwrap_or(0.0),
                 100.0 * r["baseline_share"].as_f64().unwrap_or(0.0),

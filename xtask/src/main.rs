@@ -28,9 +28,12 @@ enum Cmd {
     Lint,
     /// A baseline and a canary service under load, watched by the probe.
     Demo {
-        /// Seconds of load.
-        #[arg(long, default_value_t = 8)]
+        /// Longest load in seconds (the load stops once the verdict is decided).
+        #[arg(long, default_value_t = 120)]
         seconds: u64,
+        /// An identical canary: the demo ends with PASS instead of FAIL.
+        #[arg(long)]
+        good: bool,
     },
     /// Benchmarks: `probe` (cost of the probe on the host and on the watched service) or
     /// `collector` (ingest rate into DuckDB, group-by time over 10 million events).
@@ -150,9 +153,14 @@ fn main() -> Result<()> {
                 "warnings",
             ]))
         }
-        Cmd::Demo { seconds } => {
+        Cmd::Demo { seconds, good } => {
             let bins = build(true)?;
-            run(Command::new(bins.join("bakeoff-demo")).args(["--seconds", &seconds.to_string()]))
+            let mut demo = Command::new(bins.join("bakeoff-demo"));
+            demo.args(["--seconds", &seconds.to_string()]);
+            if good {
+                demo.arg("--good");
+            }
+            run(&mut demo)
         }
         Cmd::Bench {
             which,

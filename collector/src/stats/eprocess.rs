@@ -31,6 +31,9 @@ pub struct MeanTest {
 /// take the wealth to zero.
 const MAX_BET: f64 = 0.5;
 
+/// ln(1e300): larger e-values are reported as 1e300 (the decision uses the exact log).
+const MAX_LOG_E: f64 = 690.775_527_898_213_7;
+
 impl MeanTest {
     /// Tests the mean of observations in `[lo, hi]` against `m` (lo < m < hi).
     pub fn new(m: f64, lo: f64, hi: f64, direction: Direction) -> Self {
@@ -95,14 +98,14 @@ impl MeanTest {
         (self.n > 0).then(|| self.sum / self.n as f64)
     }
 
-    /// The current e-value.
+    /// The current e-value (capped at 1e300 so it stays a finite number in JSON).
     pub fn e_value(&self) -> f64 {
-        self.log_wealth.exp()
+        self.log_wealth.min(MAX_LOG_E).exp()
     }
 
     /// The largest e-value so far: crossing 1/alpha at any time is the (valid) rejection.
     pub fn max_e_value(&self) -> f64 {
-        self.max_log_wealth.exp()
+        self.max_log_wealth.min(MAX_LOG_E).exp()
     }
 
     /// Whether the null has been rejected at level `alpha` at some time so far.
@@ -160,5 +163,11 @@ mod tests {
         t.observe(-7.0);
         t.observe(f64::NAN);
         assert!(t.e_value().is_finite());
+        // Overwhelming evidence stays a finite number.
+        let mut sure = MeanTest::new(0.5, 0.0, 1.0, Direction::Above);
+        for _ in 0..100_000 {
+            sure.observe(1.0);
+        }
+        assert!(sure.max_e_value().is_finite() && sure.max_e_value() >= 1e299);
     }
 }

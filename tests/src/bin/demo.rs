@@ -1,9 +1,16 @@
-//! bakeoff-demo (run by `cargo xtask demo`): a baseline and a canary of a demo service, each in its own cgroup, under
-//! load from two clients; the probe watches both and the demo prints events and a summary.
+//! bakeoff-demo (run by `cargo xtask demo`): the whole story. A baseline and a canary of a demo
+//! service, each in its own cgroup, under load from mobile and desktop clients; the probe watches
+//! both, the collector stores every request, and the load runs until the verdict is decided.
+//! By default the canary is 20 ms slower on /checkout for mobile clients only: the demo ends with
+//! FAIL naming that route and that client. With `--good` the canary is identical: PASS.
 
 use std::{
     path::Path,
     process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -18,16 +25,24 @@ use clap::Parser;
 
 /// Routes the demo clients request, in turn.
 const ROUTES: &[&str] = &["/", "/checkout", "/bytes/2048", "/search?q=socks"];
+const MOBILE: &str = "shop-mobile/5.2 (Android 14)";
+const DESKTOP: &str = "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0";
 
 #[derive(Parser)]
 struct Args {
-    /// Seconds of load.
-    #[arg(long, default_value_t = 8)]
+    /// Longest load, in seconds; the load stops as soon as the verdict is decided.
+    #[arg(long, default_value_t = 120)]
     seconds: u64,
+    /// An identical canary (the demo should end with PASS).
+    #[arg(long)]
+    good: bool,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
 }
 
 fn main() -> Result<()> {
-    let Args { seconds } = Args::parse();
+    let args = Args::parse();
     let bins = bakeoff_testkit::process::target_bin_dir();
     let bins = bins.as_path();
     let dir = Path::new("/tmp/bakeoff-demo");
@@ -47,11 +62,15 @@ fn main() -> Result<()> {
         ),
         &[],
     )?;
-    // The canary: slower on /checkout, and one request in 40 fails.
+    let regression = if args.good {
+        String::new()
+    } else {
+        "--slow-path /checkout --slow-ms 20 --slow-agent shop-mobile".to_string()
+    };
     let _canary = Guard::shell(
         "canary",
         &format!(
-            "{}{} --port {cport} --delay-ms 2 --slow-path /checkout --slow-ms 20 --error-every 40",
+            "{}{} --port {cport} --delay-ms 2 {regression}",
             canary_cg.exec_prefix(),
             server.display()
         ),
@@ -61,6 +80,7 @@ fn main() -> Result<()> {
     wait_for_port(cport, Duration::from_secs(10))?;
 
     let collector = bakeoff_testkit::collector::Collector::start(dir)?;
+    let api = format!("http://127.0.0.1:{}", collector.http_port);
     let events = dir.join("events.jsonl");
     let ready = dir.join("ready");
     let mut probe = Guard::spawn(
@@ -81,18 +101,48 @@ fn main() -> Result<()> {
     )?;
     wait_for("probe ready", Duration::from_secs(60), || ready.exists())?;
     println!(
-        "demo: baseline on 127.0.0.1:{bport}, canary on 127.0.0.1:{cport}; {seconds}s of load"
+        "demo: baseline on 127.0.0.1:{bport}, canary on 127.0.0.1:{cport} ({}); \
+         {} clients (2 in 3 mobile), until the verdict is decided or {}s",
+        if args.good {
+            "identical"
+        } else {
+            "20 ms slower on /checkout for mobile clients"
+        },
+        args.clients,
+        args.seconds
     );
 
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let clients: Vec<_> = [bport, cport]
-        .into_iter()
-        .map(|port| std::thread::spawn(move || load(port, deadline)))
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..args.clients)
+        .map(|c| {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            std::thread::spawn(move || load(c, bport, cport, &stop, &sent))
+        })
         .collect();
-    let mut sent = 0;
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let started = Instant::now();
+    let mut decision = "inconclusive".to_string();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(2));
+        if let Ok(v) =
+            bakeoff_testkit::collector::get_json(&format!("{api}/api/v1/verdict?experiment=demo"))
+        {
+            decision = v["decision"].as_str().unwrap_or("inconclusive").to_string();
+            println!(
+                "  {:>5.1}s  {:>7} requests  {:>6} comparison groups  verdict: {decision}",
+                started.elapsed().as_secs_f64(),
+                sent.load(Ordering::Relaxed),
+                v["groups"]
+            );
+            if decision != "inconclusive" {
+                break;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
     for c in clients {
-        sent += c
-            .join()
+        c.join()
             .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -108,41 +158,74 @@ fn main() -> Result<()> {
         parsed.len(),
         events.display()
     );
-    for line in text.lines().take(3) {
+    for line in text.lines().take(2) {
         println!("{line}");
     }
     let mut summary = Summary::default();
     for e in &parsed {
         summary.add(e);
     }
-    println!("\n{sent} requests sent; per cohort, as the probe saw them:\n");
+    println!(
+        "\n{} requests sent; per cohort, as the probe saw them:\n",
+        sent.load(Ordering::Relaxed)
+    );
     print!("{}", summary.table());
     println!(
         "\nper cohort and endpoint, from the collector \
-         (bakeoff events --api http://127.0.0.1:{} --where experiment=demo --group-by cohort,path):\n",
-        collector.http_port
+         (bakeoff events --api {api} --where experiment=demo --group-by cohort,path):\n"
     );
     let status = Command::new(bins.join("bakeoff"))
-        .args([
-            "events",
-            "--api",
-            &format!("http://127.0.0.1:{}", collector.http_port),
-        ])
+        .args(["events", "--api", &api])
         .args(["--where", "experiment=demo", "--group-by", "cohort,path"])
         .status()
         .context("cannot run bakeoff events")?;
     anyhow::ensure!(status.success(), "bakeoff events failed");
+    println!("\nthe verdict (bakeoff verdict demo --api {api}):\n");
+    let status = Command::new(bins.join("bakeoff"))
+        .args(["verdict", "demo", "--api", &api])
+        .status()
+        .context("cannot run bakeoff verdict")?;
+    let report = dir.join("report.html");
+    let out = Command::new(bins.join("bakeoff"))
+        .args(["report", "demo", "--api", &api, "-o"])
+        .arg(&report)
+        .output()
+        .context("cannot run bakeoff report")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bakeoff report failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "\nverdict: {} (bakeoff verdict exit code {}); report: {}",
+        decision.to_uppercase(),
+        status.code().unwrap_or(-1),
+        report.display()
+    );
     Ok(())
 }
 
-/// Keep-alive requests until the deadline (at most 200 000).
-fn load(port: u16, deadline: Instant) -> Result<u64> {
-    let mut conn = Conn::connect(port)?;
-    let mut n = 0u64;
-    while Instant::now() < deadline && n < 200_000 {
-        let route = ROUTES[n as usize % ROUTES.len()];
-        conn.request(&Request::get(route, &format!("demo-{port}-{n}")))?;
+/// Keep-alive requests to both cohorts, the same request to each in turn, until told to stop
+/// (at most 2 000 000 per client).
+fn load(client: usize, bport: u16, cport: u16, stop: &AtomicBool, sent: &AtomicU64) -> Result<()> {
+    let mut conns = [Conn::connect(bport)?, Conn::connect(cport)?];
+    let mut n = 0usize;
+    while !stop.load(Ordering::Relaxed) && n < 2_000_000 {
+        let route = ROUTES[n % ROUTES.len()];
+        let agent = if (n / ROUTES.len() + client).is_multiple_of(3) {
+            DESKTOP
+        } else {
+            MOBILE
+        };
+        // Alternate which cohort goes first, so neither is always second.
+        for k in 0..2 {
+            let conn = &mut conns[(k + n) % 2];
+            let mut req = Request::get(route, &format!("demo-{client}-{n}-{k}"));
+            req.user_agent = Some(agent.into());
+            conn.request(&req)?;
+        }
+        sent.fetch_add(2, Ordering::Relaxed);
         n += 1;
     }
-    Ok(n)
+    Ok(())
 }
