@@ -199,6 +199,35 @@ fn a_slow_route_fails_and_an_identical_canary_does_not() -> Result<()> {
     ensure!(v["groups"].as_u64() >= Some(n as u64 / 4), "{v:#}");
     ensure!(flagger(&collector, "same", 0.001)? == 200);
 
+    // Over gRPC, the same verdict.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let reply = rt.block_on(async {
+        let mut q =
+            bakeoff_proto::v1::query_client::QueryClient::connect(collector.endpoint()).await?;
+        anyhow::Ok(
+            q.verdict(bakeoff_proto::v1::VerdictRequest {
+                experiment: "verdict-it".into(),
+                canary: "canary".into(),
+                alpha: Some(0.01),
+                ..Default::default()
+            })
+            .await?
+            .into_inner(),
+        )
+    })?;
+    ensure!(
+        reply.decision == bakeoff_proto::v1::Decision::Fail as i32
+            && reply.groups == v["groups"].as_u64().unwrap_or(0)
+            && reply.metrics.iter().any(|m| m.endpoint == "GET /checkout"
+                && m.decision == bakeoff_proto::v1::Decision::Fail as i32
+                && m.drilldown
+                    .first()
+                    .is_some_and(|d| d.value == "mobile-app/3.1")),
+        "gRPC verdict: {reply:?}"
+    );
+
     // The Argo-shaped JSON is the same verdict.
     let argo = collector.get("/api/v1/verdict?experiment=verdict-it&canary=canary&alpha=0.01")?;
     ensure!(argo["decision"] == "fail");

@@ -3,15 +3,66 @@
 use std::sync::Arc;
 
 use bakeoff_proto::v1::{
-    EventsReply, EventsRequest, ExperimentsRequest, Group, GroupKey, GroupsReply, GroupsRequest,
-    RequestEvent, Selection, StoredEvent as ProtoStoredEvent, query_server::Query,
+    self as pb, EventsReply, EventsRequest, ExperimentsRequest, Group, GroupKey, GroupsReply,
+    GroupsRequest, RequestEvent, Selection, StoredEvent as ProtoStoredEvent, VerdictReply,
+    VerdictRequest, query_server::Query,
 };
 use tonic::{Request, Response, Status};
 
 use crate::{
     query::{Filter, GroupRow},
     store::{Store, StoreError, StoredEvent},
+    verdict::{Decision, JudgeConfig, Verdict, judge_rows},
 };
+
+fn decision(d: Decision) -> i32 {
+    let d = match d {
+        Decision::Pass => pb::Decision::Pass,
+        Decision::Fail => pb::Decision::Fail,
+        Decision::Inconclusive => pb::Decision::Inconclusive,
+    };
+    d as i32
+}
+
+/// The wire form of a verdict.
+pub fn verdict_to_proto(v: &Verdict) -> VerdictReply {
+    VerdictReply {
+        decision: decision(v.decision),
+        score: v.score,
+        groups: v.groups,
+        canary_requests: v.requests.canary,
+        baseline_requests: v.requests.baseline,
+        reasons: v.reasons.clone(),
+        metrics: v
+            .metrics
+            .iter()
+            .map(|m| pb::MetricVerdict {
+                metric: m.metric.clone(),
+                endpoint: m.endpoint.clone(),
+                decision: decision(m.decision),
+                groups: m.groups,
+                canary: m.canary,
+                baseline: m.baseline,
+                effect: m.effect,
+                e_value_harm: m.e_value_harm,
+                e_value_safe: m.e_value_safe,
+                summary: m.summary.clone(),
+                drilldown: m
+                    .drilldown
+                    .iter()
+                    .map(|r| pb::DrillDownRow {
+                        dimension: r.dimension.clone(),
+                        value: r.value.clone(),
+                        canary_bad: r.canary_bad,
+                        bad_share: r.bad_share,
+                        baseline_share: r.baseline_share,
+                        score: r.score,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
 
 pub struct QueryService {
     store: Arc<dyn Store>,
@@ -142,6 +193,43 @@ impl Query for QueryService {
         Ok(Response::new(EventsReply {
             events: rows.iter().map(to_proto).collect(),
         }))
+    }
+
+    async fn verdict(
+        &self,
+        request: Request<VerdictRequest>,
+    ) -> Result<Response<VerdictReply>, Status> {
+        let r = request.into_inner();
+        let mut config = JudgeConfig::default();
+        if let Some(v) = r.alpha {
+            config.alpha = v;
+        }
+        if let Some(v) = r.latency_tolerance {
+            config.latency_tolerance = v;
+        }
+        if let Some(v) = r.error_tolerance {
+            config.error_tolerance = v;
+        }
+        if let Some(v) = r.min_groups {
+            config.min_groups = v;
+        }
+        config
+            .validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut f = Filter::default();
+        f.add("experiment", &r.experiment)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        f.since_unix_ns = r.since_unix_ns;
+        let store = self.store.clone();
+        let rows = run(move || store.samples(&f)).await?;
+        let or = |s: String, d: &str| if s.is_empty() { d.to_string() } else { s };
+        let v = judge_rows(
+            &rows,
+            &or(r.baseline, "baseline"),
+            &or(r.canary, "canary"),
+            &config,
+        );
+        Ok(Response::new(verdict_to_proto(&v)))
     }
 
     async fn groups(
