@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod drilldown;
+pub mod experiments;
 pub mod ingest;
 pub mod metrics;
 pub mod query;

@@ -8,6 +8,7 @@ use bakeoff_collector::{
         grpc::QueryService,
         http::{ApiState, router},
     },
+    experiments::{Experiment, ExperimentsFile, Verdicts},
     ingest::{IngestService, IngestStats, MAX_MESSAGE_BYTES},
     query::{Filter, GroupRow},
     store::{Store, clickhouse::ClickHouseStore, duckdb::DuckDbStore},
@@ -53,6 +54,12 @@ enum Cmd {
         /// Require probes to present a certificate signed by this CA (mutual TLS).
         #[arg(long, env = "BAKEOFF_TLS_CLIENT_CA", requires = "tls_cert")]
         tls_client_ca: Option<PathBuf>,
+        /// Experiments to judge continuously (YAML: name, baseline, canaries, webhook, judge).
+        #[arg(long, env = "BAKEOFF_EXPERIMENTS")]
+        experiments: Option<PathBuf>,
+        /// Seconds between two judgements of the configured experiments.
+        #[arg(long, default_value_t = 15.0)]
+        evaluate_every: f64,
         /// Delete events older than this many hours (0 keeps everything).
         #[arg(long, env = "BAKEOFF_RETENTION_HOURS", default_value_t = 168)]
         retention_hours: u64,
@@ -145,6 +152,8 @@ fn main() {
             tls_cert,
             tls_key,
             tls_client_ca,
+            experiments,
+            evaluate_every,
             retention_hours,
         } => {
             let tls = match (tls_cert, tls_key) {
@@ -162,7 +171,27 @@ fn main() {
                 },
                 None => Backend::DuckDb(db),
             };
-            serve(grpc_listen, http_listen, backend, tls, retention_hours)
+            let experiments = match experiments {
+                Some(path) => match ExperimentsFile::load(&path) {
+                    Ok(f) => f.experiments,
+                    Err(e) => {
+                        eprintln!("bakeoff: error: {e}");
+                        std::process::exit(1);
+                    }
+                },
+                None => Vec::new(),
+            };
+            serve(
+                grpc_listen,
+                http_listen,
+                backend,
+                tls,
+                (
+                    experiments,
+                    Duration::from_secs_f64(evaluate_every.max(0.5)),
+                ),
+                retention_hours,
+            )
         }
         Cmd::Verdict {
             experiment,
@@ -278,9 +307,11 @@ fn serve(
     http: SocketAddr,
     backend: Backend,
     tls: Option<TlsFiles>,
+    (experiments, evaluate_every): (Vec<Experiment>, Duration),
     retention_hours: u64,
 ) -> Result<()> {
     let store = backend.open()?;
+    let verdicts = Arc::new(Verdicts::default());
     let mut grpc_builder = tonic::transport::Server::builder();
     if let Some(t) = &tls {
         grpc_builder = grpc_builder
@@ -303,7 +334,21 @@ fn serve(
             store: store.clone(),
             stats: stats.clone(),
             metrics: Arc::new(bakeoff_collector::metrics::registry(stats.clone())),
+            verdicts: verdicts.clone(),
         });
+        if !experiments.is_empty() {
+            tracing::info!(
+                experiments = experiments.len(),
+                every = ?evaluate_every,
+                "judging configured experiments"
+            );
+            tokio::spawn(bakeoff_collector::experiments::run(
+                store.clone(),
+                Arc::new(experiments),
+                verdicts.clone(),
+                evaluate_every,
+            ));
+        }
         let ingest = IngestServer::new(IngestService::new(store.clone(), stats.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
         tracing::info!(

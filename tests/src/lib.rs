@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod otlp;
 pub mod process;
 pub mod tls;
+pub mod webhook;

@@ -15,6 +15,7 @@ use bakeoff_testkit::{
     client::{Conn, Request},
     collector::Collector,
     process::{Guard, bin, free_port, wait_for, wait_for_port},
+    webhook::WebhookReceiver,
 };
 
 fn server(cg: &Cgroup, extra: &str) -> Result<(Guard, u16)> {
@@ -99,7 +100,27 @@ fn a_slow_route_fails_and_an_identical_canary_does_not() -> Result<()> {
         "--slow-path /checkout --slow-ms 5 --slow-agent mobile",
     )?;
     let (_s, sport) = server(&cgs[2], "")?;
-    let collector = Collector::start(&dir)?;
+    // The collector also judges the experiment on its own and calls a webhook on failure.
+    let hook = WebhookReceiver::start()?;
+    let experiments = dir.join("experiments.yaml");
+    std::fs::write(
+        &experiments,
+        format!(
+            "experiments:\n  - name: verdict-it\n    canaries: [canary, same]\n    webhook: {}\n    judge: {{ alpha: 0.001 }}\n",
+            hook.url()
+        ),
+    )?;
+    let collector = Collector::start_with(
+        &dir,
+        free_port(),
+        free_port(),
+        &[
+            "--experiments".into(),
+            experiments.display().to_string(),
+            "--evaluate-every".into(),
+            "1".into(),
+        ],
+    )?;
     let ready = dir.join("ready");
     let mut probe = Guard::spawn(
         "bakeoff-probe",
@@ -227,6 +248,34 @@ fn a_slow_route_fails_and_an_identical_canary_does_not() -> Result<()> {
                     .is_some_and(|d| d.value == "mobile-app/3.1")),
         "gRPC verdict: {reply:?}"
     );
+
+    // The configured experiment: the webhook got exactly one notice, for the slow canary.
+    wait_for("the failure webhook", Duration::from_secs(30), || {
+        !hook.bodies().is_empty()
+    })?;
+    std::thread::sleep(Duration::from_millis(2_500));
+    let bodies = hook.bodies();
+    ensure!(
+        bodies.len() == 1,
+        "{} webhook calls: {bodies:?}",
+        bodies.len()
+    );
+    let notice: serde_json::Value = serde_json::from_str(&bodies[0])?;
+    ensure!(
+        notice["canary"] == "canary"
+            && notice["decision"] == "fail"
+            && notice["experiment"] == "verdict-it",
+        "{notice}"
+    );
+    let configured = collector.get("/api/v1/experiments/verdicts")?;
+    let same = configured["verdicts"]
+        .as_array()
+        .context("verdicts")?
+        .iter()
+        .find(|v| v["canary"] == "same")
+        .context("no verdict for the identical canary")?;
+    ensure!(same["decision"] != "fail", "{same}");
+    ensure!(configured["webhooks_sent"] == 1, "{configured}");
 
     // The Argo-shaped JSON is the same verdict.
     let argo = collector.get("/api/v1/verdict?experiment=verdict-it&canary=canary&alpha=0.01")?;

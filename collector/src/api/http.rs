@@ -7,6 +7,7 @@
 //! - `GET /api/v1/ingest`: ingest counters and each probe's last health report
 //! - `GET /api/v1/verdict?experiment=E&baseline=B&canary=C[&alpha=..]`: the verdict (Argo
 //!   Rollouts `web` metric provider)
+//! - `GET /api/v1/experiments/verdicts`: latest verdicts of the configured experiments
 //! - `POST /api/v1/flagger`: Flagger webhook (2xx unless the canary fails)
 //! - `GET /api/v1/drilldown?experiment=E&metric=latency|errors&endpoint=GET%20/x`: dimension
 //!   values ranked by how much they explain the canary's bad requests
@@ -37,6 +38,8 @@ pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub stats: Arc<IngestStats>,
     pub metrics: Arc<prometheus_client::registry::Registry>,
+    /// Latest verdicts of the experiments configured with `--experiments`.
+    pub verdicts: Arc<crate::experiments::Verdicts>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -49,6 +52,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/groups", get(groups))
         .route("/api/v1/ingest", get(ingest))
         .route("/api/v1/verdict", get(verdict))
+        .route("/api/v1/experiments/verdicts", get(configured_verdicts))
         .route("/api/v1/drilldown", get(drill))
         .route("/report", get(report))
         .route("/api/v1/flagger", axum::routing::post(flagger))
@@ -385,4 +389,29 @@ async fn report(
         html,
     )
         .into_response())
+}
+
+async fn configured_verdicts(State(s): State<ApiState>) -> impl IntoResponse {
+    let verdicts: Vec<serde_json::Value> = s
+        .verdicts
+        .latest
+        .lock()
+        .map(|m| {
+            m.iter()
+                .map(|((experiment, canary), v)| {
+                    let mut j = serde_json::to_value(v).unwrap_or_default();
+                    if let Some(o) = j.as_object_mut() {
+                        o.insert("experiment".into(), experiment.clone().into());
+                        o.insert("canary".into(), canary.clone().into());
+                    }
+                    j
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Json(serde_json::json!({
+        "verdicts": verdicts,
+        "webhooks_sent": s.verdicts.webhooks_sent.load(Ordering::Relaxed),
+        "webhooks_failed": s.verdicts.webhooks_failed.load(Ordering::Relaxed),
+    }))
 }
