@@ -229,6 +229,21 @@ alpha {alpha} (valid however often this is read).</p><ul>",
     }
     html.push_str("</table><p>Latency: canary/baseline are the p50 (ms) of compared requests, effect the share of comparisons where the canary is slower beyond tolerance (%). Errors: rates (%), effect the difference in points. The Kayenta column is the fixed-horizon classification of the same data, for reference: it is not valid under repeated looks.</p>");
 
+    if !verdict.throughput.is_empty() {
+        html.push_str("<h2>Throughput share</h2><table id=\"throughput\"><tr><th class=\"l\">endpoint</th><th>canary requests</th><th>baseline requests</th><th>canary share</th><th>overall share</th></tr>");
+        for t in &verdict.throughput {
+            let _ = write!(
+                html,
+                "<tr data-endpoint=\"{e}\"><td class=\"l\">{e}</td><td>{}</td><td>{}</td><td>{:.1}%</td><td>{:.1}%</td></tr>",
+                t.canary_requests,
+                t.baseline_requests,
+                100.0 * t.canary_share,
+                100.0 * t.overall_share,
+                e = esc(&t.endpoint)
+            );
+        }
+        html.push_str("</table>");
+    }
     let failing: Vec<_> = verdict
         .metrics
         .iter()

@@ -253,6 +253,8 @@ pub struct Judge {
     open: BTreeMap<String, Group>,
     /// Requests seen per cohort: (canary, baseline).
     seen: (u64, u64),
+    /// Requests per endpoint: (canary, baseline), for the throughput shares.
+    traffic: BTreeMap<String, (u64, u64)>,
 }
 
 impl Judge {
@@ -263,15 +265,19 @@ impl Judge {
             endpoints: BTreeMap::new(),
             open: BTreeMap::new(),
             seen: (0, 0),
+            traffic: BTreeMap::new(),
         }
     }
 
     /// Adds the next request in arrival order.
     pub fn observe(&mut self, s: Sample) {
+        let traffic = self.traffic.entry(s.endpoint.clone()).or_default();
         if s.canary {
             self.seen.0 += 1;
+            traffic.0 += 1;
         } else {
             self.seen.1 += 1;
+            traffic.1 += 1;
         }
         let group = self.open.entry(s.endpoint.clone()).or_default();
         let side = if s.canary {
@@ -389,6 +395,7 @@ impl Judge {
             decision,
             score,
             groups: self.overall.groups,
+            throughput: self.throughput(),
             requests: Requests {
                 canary: self.seen.0,
                 baseline: self.seen.1,
@@ -398,6 +405,39 @@ impl Judge {
             reasons,
             metrics,
         }
+    }
+
+    /// The canary's share of each endpoint's requests against its share overall, largest
+    /// departures first: an endpoint the canary serves much less (or more) than its weight
+    /// says where traffic goes elsewhere (errors retried, clients giving up, routing).
+    fn throughput(&self) -> Vec<ThroughputShare> {
+        let share = |c: u64, b: u64| {
+            if c + b == 0 {
+                0.0
+            } else {
+                c as f64 / (c + b) as f64
+            }
+        };
+        let overall = share(self.seen.0, self.seen.1);
+        let mut v: Vec<ThroughputShare> = self
+            .traffic
+            .iter()
+            .map(|(endpoint, &(c, b))| ThroughputShare {
+                endpoint: endpoint.clone(),
+                canary_requests: c,
+                baseline_requests: b,
+                canary_share: share(c, b),
+                overall_share: overall,
+            })
+            .collect();
+        v.sort_by(|a, b| {
+            (b.canary_share - b.overall_share)
+                .abs()
+                .total_cmp(&(a.canary_share - a.overall_share).abs())
+                .then(a.endpoint.cmp(&b.endpoint))
+        });
+        v.truncate(self.config.max_endpoints);
+        v
     }
 
     fn decision_of(harm: &MeanTest, safe: &MeanTest, alpha: f64) -> Decision {
@@ -567,6 +607,21 @@ pub struct Verdict {
     pub threshold: f64,
     pub reasons: Vec<String>,
     pub metrics: Vec<MetricVerdict>,
+    /// Throughput share per endpoint (informational: not part of the decision).
+    #[serde(default)]
+    pub throughput: Vec<ThroughputShare>,
+}
+
+/// How much of an endpoint's traffic the canary served.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ThroughputShare {
+    pub endpoint: String,
+    pub canary_requests: u64,
+    pub baseline_requests: u64,
+    /// Canary requests / all requests of the endpoint.
+    pub canary_share: f64,
+    /// The same over all endpoints.
+    pub overall_share: f64,
 }
 
 #[cfg(test)]
@@ -678,6 +733,33 @@ mod tests {
         let latency = &v.metrics[0];
         // Group 1: canary 3 vs baselines 1, 2: slower in 2 of 2. Group 2: 4, 5, 6 vs 7: 0 of 3.
         assert_eq!(latency.effect, Some(0.5));
+    }
+
+    #[test]
+    fn throughput_shares_show_where_the_canary_serves_less() {
+        let mut j = Judge::new(JudgeConfig::default());
+        for i in 0..1_000u64 {
+            // The canary gets a third of /a but half of /b.
+            let (endpoint, canary) = if i % 2 == 0 {
+                ("GET /a", i % 6 == 0)
+            } else {
+                ("GET /b", i % 4 == 1)
+            };
+            j.observe(Sample {
+                canary,
+                endpoint: endpoint.into(),
+                duration_ns: 1,
+                error: false,
+            });
+        }
+        let t = j.verdict().throughput;
+        assert_eq!(t.len(), 2);
+        let a = t.iter().find(|s| s.endpoint == "GET /a").unwrap();
+        assert!((a.canary_share - 1.0 / 3.0).abs() < 0.01, "{a:?}");
+        assert!(
+            (a.overall_share - (167.0 + 250.0) / 1000.0).abs() < 0.01,
+            "{a:?}"
+        );
     }
 
     #[test]
