@@ -1,4 +1,4 @@
-//! The probe's refusals are clear messages and a non-zero exit, never a panic.
+//! Refusals of the probe and the collector are clear messages and a non-zero exit, never a panic.
 
 use std::{os::unix::process::CommandExt as _, process::Command};
 
@@ -61,5 +61,47 @@ fn missing_privileges_name_the_capability() -> Result<()> {
         stderr.contains("missing privileges") && stderr.contains("CAP_BPF"),
         "{stderr}"
     );
+    Ok(())
+}
+
+/// The collector's refusals: a bad experiments file names the entry, a collector that is down
+/// gives `bakeoff verdict` exit code 3 (not 1, which means FAIL) and a clear message.
+#[test]
+fn collector_refusals_are_clear() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("bakeoff-coll-err-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("experiments.yaml");
+    std::fs::write(
+        &file,
+        "experiments:\n  - name: checkout\n    canaries: [canary]\n    judge: { alpha: 7 }\n",
+    )?;
+    let (code, stderr) = run(Command::new(bin("bakeoff")?)
+        .arg("serve")
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--db")
+        .arg(dir.join("x.duckdb"))
+        .arg("--experiments")
+        .arg(&file))?;
+    ensure!(
+        code == 1 && stderr.contains("experiments[0] (checkout): alpha must be in (0, 1)"),
+        "exit {code}: {stderr}"
+    );
+    let port = bakeoff_testkit::process::free_port();
+    let (code, stderr) = run(Command::new(bin("bakeoff")?).args([
+        "verdict",
+        "checkout",
+        "--api",
+        &format!("http://127.0.0.1:{port}"),
+    ]))?;
+    ensure!(
+        code == 3 && stderr.contains("cannot get the verdict from"),
+        "exit {code}: {stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
