@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 
+use crate::process::{Guard, bin, free_port, wait_for_port};
+
 /// A cgroup v2 directory that is removed (after its processes are gone) on drop.
 pub struct Cgroup {
     path: PathBuf,
@@ -25,6 +27,23 @@ impl Cgroup {
     /// A shell prefix that moves the shell into this cgroup and then execs the command.
     pub fn exec_prefix(&self) -> String {
         format!("echo $$ > {}/cgroup.procs && exec ", self.path.display())
+    }
+
+    /// Starts `bakeoff-testserver` (with `args`, e.g. `--delay-ms 1`) on a free port in this
+    /// cgroup; returns once it listens.
+    pub fn spawn_test_server(&self, args: &str) -> Result<(Guard, u16)> {
+        let port = free_port();
+        let guard = Guard::shell(
+            "test server",
+            &format!(
+                "{}{} --port {port} {args}",
+                self.exec_prefix(),
+                bin("bakeoff-testserver")?.display()
+            ),
+            &[],
+        )?;
+        wait_for_port(port, std::time::Duration::from_secs(10))?;
+        Ok((guard, port))
     }
 }
 

@@ -125,3 +125,11 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .unwrap_or(0)
 }
+
+/// A fresh `/tmp/bakeoff-<name>-<pid>` directory for one test.
+pub fn scratch_dir(name: &str) -> Result<PathBuf> {
+    let dir = PathBuf::from(format!("/tmp/bakeoff-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

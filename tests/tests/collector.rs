@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -20,31 +20,8 @@ use bakeoff_testkit::{
     client::{Conn, Request},
     collector::Collector,
     metrics::{sample, scrape},
-    process::{Guard, bin, free_port, wait_for, wait_for_port},
+    process::{Guard, bin, free_port, scratch_dir, wait_for},
 };
-
-fn scratch(name: &str) -> Result<PathBuf> {
-    let dir = PathBuf::from(format!("/tmp/bakeoff-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-/// A test server in its own cgroup (the canary cohort).
-fn canary_server(cg: &Cgroup) -> Result<(Guard, u16)> {
-    let port = free_port();
-    let g = Guard::shell(
-        "canary test server",
-        &format!(
-            "{}{} --port {port}",
-            cg.exec_prefix(),
-            bin("bakeoff-testserver")?.display()
-        ),
-        &[],
-    )?;
-    wait_for_port(port, Duration::from_secs(10))?;
-    Ok((g, port))
-}
 
 fn probe(dir: &Path, cg: &Cgroup, extra: &[&str]) -> Result<Guard> {
     let ready = dir.join("ready");
@@ -101,9 +78,9 @@ fn survive_a_kill(name: &str, clickhouse: bool) -> Result<()> {
         unsafe { libc::geteuid() } == 0,
         "run as root (cargo xtask test)"
     );
-    let dir = scratch(name)?;
+    let dir = scratch_dir(name)?;
     let cg = Cgroup::create(&format!("bakeoff-{name}-{}", std::process::id()))?;
-    let (_server, port) = canary_server(&cg)?;
+    let (_server, port) = cg.spawn_test_server("")?;
     let ch = if clickhouse {
         Some(ClickHouse::start(&dir)?)
     } else {
@@ -350,9 +327,9 @@ fn a_collector_away_too_long_costs_an_exactly_counted_number_of_events() -> Resu
         unsafe { libc::geteuid() } == 0,
         "run as root (cargo xtask test)"
     );
-    let dir = scratch("coll-drop")?;
+    let dir = scratch_dir("coll-drop")?;
     let cg = Cgroup::create(&format!("bakeoff-coll-drop-{}", std::process::id()))?;
-    let (_server, port) = canary_server(&cg)?;
+    let (_server, port) = cg.spawn_test_server("")?;
     let (grpc_port, http_port) = (free_port(), free_port());
     // No collector yet; memory for two batches of five, no spool.
     let metrics_port = free_port();
@@ -455,7 +432,7 @@ fn batch(seq: u64, n: usize, path_len: usize) -> IngestRequest {
 
 #[test]
 fn bad_streams_get_clear_statuses_and_do_not_disturb_others() -> Result<()> {
-    let dir = scratch("coll-bad")?;
+    let dir = scratch_dir("coll-bad")?;
     let collector = Collector::start(&dir)?;
     let endpoint = collector.endpoint();
     let rt = tokio::runtime::Runtime::new()?;
@@ -538,7 +515,7 @@ fn bad_streams_get_clear_statuses_and_do_not_disturb_others() -> Result<()> {
 /// acknowledges, each once, including every batch acknowledged before the kill.
 #[test]
 fn the_duckdb_file_opens_intact_after_kills_while_writing() -> Result<()> {
-    let dir = scratch("coll-kill-write")?;
+    let dir = scratch_dir("coll-kill-write")?;
     let mut collector = Collector::start(&dir)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -17,17 +17,10 @@ use bakeoff_testkit::{
     collector::Collector,
     metrics::{sample, scrape},
     otlp::OtlpReceiver,
-    process::{Guard, bin, free_port, wait_for, wait_for_port},
+    process::{Guard, bin, free_port, scratch_dir, wait_for},
     tls::Pki,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
-
-fn scratch(name: &str) -> Result<PathBuf> {
-    let dir = PathBuf::from(format!("/tmp/bakeoff-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
 
 /// Opens an ingest stream over TLS with the given client identity; Ok if the collector took it.
 async fn try_stream(
@@ -77,20 +70,10 @@ fn mutual_tls_otlp_and_metrics_agree_with_what_was_sent() -> Result<()> {
         unsafe { libc::geteuid() } == 0,
         "run as root (cargo xtask test)"
     );
-    let dir = scratch("export")?;
+    let dir = scratch_dir("export")?;
     let pki = Pki::create(&dir)?;
     let cg = Cgroup::create(&format!("bakeoff-export-{}", std::process::id()))?;
-    let port = free_port();
-    let _server = Guard::shell(
-        "canary test server",
-        &format!(
-            "{}{} --port {port}",
-            cg.exec_prefix(),
-            bin("bakeoff-testserver")?.display()
-        ),
-        &[],
-    )?;
-    wait_for_port(port, Duration::from_secs(10))?;
+    let (_server, port) = cg.spawn_test_server("")?;
     let path = |p: &PathBuf| p.display().to_string();
     let collector = Collector::start_with(
         &dir,

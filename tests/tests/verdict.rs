@@ -14,24 +14,9 @@ use bakeoff_testkit::{
     cgroup::Cgroup,
     client::{Conn, Request},
     collector::Collector,
-    process::{Guard, bin, free_port, wait_for, wait_for_port},
+    process::{Guard, bin, free_port, wait_for},
     webhook::WebhookReceiver,
 };
-
-fn server(cg: &Cgroup, extra: &str) -> Result<(Guard, u16)> {
-    let port = free_port();
-    let g = Guard::shell(
-        "test server",
-        &format!(
-            "{}{} --port {port} --delay-ms 1 {extra}",
-            cg.exec_prefix(),
-            bin("bakeoff-testserver")?.display()
-        ),
-        &[],
-    )?;
-    wait_for_port(port, Duration::from_secs(10))?;
-    Ok((g, port))
-}
 
 fn cli_verdict(
     collector: &Collector,
@@ -93,13 +78,11 @@ fn a_slow_route_fails_and_an_identical_canary_does_not() -> Result<()> {
         Cgroup::create(&format!("bakeoff-verdict-c-{pid}"))?,
         Cgroup::create(&format!("bakeoff-verdict-s-{pid}"))?,
     ];
-    let (_b, bport) = server(&cgs[0], "")?;
+    let (_b, bport) = cgs[0].spawn_test_server("--delay-ms 1")?;
     // Slower on /checkout, and only for "mobile" clients.
-    let (_c, cport) = server(
-        &cgs[1],
-        "--slow-path /checkout --slow-ms 5 --slow-agent mobile",
-    )?;
-    let (_s, sport) = server(&cgs[2], "")?;
+    let (_c, cport) = cgs[1]
+        .spawn_test_server("--delay-ms 1 --slow-path /checkout --slow-ms 5 --slow-agent mobile")?;
+    let (_s, sport) = cgs[2].spawn_test_server("--delay-ms 1")?;
     // The collector also judges the experiment on its own and calls a webhook on failure.
     let hook = WebhookReceiver::start()?;
     let experiments = dir.join("experiments.yaml");
