@@ -136,10 +136,7 @@ pub fn evaluate(
     verdicts: &Verdicts,
 ) -> Result<(), crate::store::StoreError> {
     for e in experiments {
-        let mut f = Filter::default();
-        f.add("experiment", &e.name)?;
-        f.since_unix_ns = e.since_unix_ns;
-        let rows = store.samples(&f)?;
+        let rows = store.samples(&Filter::experiment(&e.name, e.since_unix_ns))?;
         for canary in &e.canaries {
             let v = judge_rows(&rows, &e.baseline, canary, &e.judge);
             let key = (e.name.clone(), canary.clone());

@@ -52,6 +52,15 @@ fn field(name: &str) -> Result<&'static str, QueryError> {
 }
 
 impl Filter {
+    /// One experiment's events, from `since_unix_ns` on.
+    pub fn experiment(name: &str, since_unix_ns: Option<u64>) -> Self {
+        Self {
+            equals: vec![("experiment".to_string(), name.to_string())],
+            since_unix_ns,
+            until_unix_ns: None,
+        }
+    }
+
     /// Parses `FIELD=VALUE` strings.
     pub fn parse(items: &[String]) -> Result<Self, QueryError> {
         let mut f = Filter::default();

@@ -142,6 +142,27 @@ impl JudgeConfig {
         Ok(())
     }
 
+    /// The defaults with the settings a request gives (API, gRPC, Flagger metadata), validated.
+    pub fn with_overrides(
+        alpha: Option<f64>,
+        latency_tolerance: Option<f64>,
+        error_tolerance: Option<f64>,
+        min_groups: Option<u64>,
+        max_endpoints: Option<usize>,
+    ) -> Result<Self, JudgeConfigError> {
+        let d = Self::default();
+        let c = Self {
+            alpha: alpha.unwrap_or(d.alpha),
+            latency_tolerance: latency_tolerance.unwrap_or(d.latency_tolerance),
+            error_tolerance: error_tolerance.unwrap_or(d.error_tolerance),
+            min_groups: min_groups.unwrap_or(d.min_groups),
+            max_endpoints: max_endpoints.unwrap_or(d.max_endpoints),
+            ..d
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
     /// Metrics alpha is split over.
     pub fn metrics(&self) -> usize {
         2 * (self.max_endpoints + 1)

@@ -200,26 +200,15 @@ impl Query for QueryService {
         request: Request<VerdictRequest>,
     ) -> Result<Response<VerdictReply>, Status> {
         let r = request.into_inner();
-        let mut config = JudgeConfig::default();
-        if let Some(v) = r.alpha {
-            config.alpha = v;
-        }
-        if let Some(v) = r.latency_tolerance {
-            config.latency_tolerance = v;
-        }
-        if let Some(v) = r.error_tolerance {
-            config.error_tolerance = v;
-        }
-        if let Some(v) = r.min_groups {
-            config.min_groups = v;
-        }
-        config
-            .validate()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let mut f = Filter::default();
-        f.add("experiment", &r.experiment)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        f.since_unix_ns = r.since_unix_ns;
+        let config = JudgeConfig::with_overrides(
+            r.alpha,
+            r.latency_tolerance,
+            r.error_tolerance,
+            r.min_groups,
+            None,
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let f = Filter::experiment(&r.experiment, r.since_unix_ns);
         let store = self.store.clone();
         let rows = run(move || store.samples(&f)).await?;
         let or = |s: String, d: &str| if s.is_empty() { d.to_string() } else { s };

@@ -222,25 +222,14 @@ fn default_canary() -> String {
 
 impl VerdictQuery {
     fn config(&self) -> Result<JudgeConfig, ApiError> {
-        let mut c = JudgeConfig::default();
-        if let Some(v) = self.alpha {
-            c.alpha = v;
-        }
-        if let Some(v) = self.latency_tolerance {
-            c.latency_tolerance = v;
-        }
-        if let Some(v) = self.error_tolerance {
-            c.error_tolerance = v;
-        }
-        if let Some(v) = self.min_groups {
-            c.min_groups = v;
-        }
-        if let Some(v) = self.max_endpoints {
-            c.max_endpoints = v;
-        }
-        c.validate()
-            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-        Ok(c)
+        JudgeConfig::with_overrides(
+            self.alpha,
+            self.latency_tolerance,
+            self.error_tolerance,
+            self.min_groups,
+            self.max_endpoints,
+        )
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
     }
 }
 
@@ -250,10 +239,7 @@ async fn judged(
     q: &VerdictQuery,
 ) -> Result<(Verdict, Vec<SampleRow>), ApiError> {
     let config = q.config()?;
-    let mut f = Filter::default();
-    f.add("experiment", &q.experiment)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    f.since_unix_ns = q.since;
+    let f = Filter::experiment(&q.experiment, q.since);
     let rows = run(move || store.samples(&f)).await?;
     let v = judge_rows(&rows, &q.baseline, &q.canary, &config);
     Ok((v, rows))
@@ -362,10 +348,7 @@ async fn drill(
             format!("metric `{}`: latency or errors", q.metric),
         ));
     }
-    let mut f = Filter::default();
-    f.add("experiment", &q.experiment)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    f.since_unix_ns = q.since;
+    let f = Filter::experiment(&q.experiment, q.since);
     let store = s.store.clone();
     let rows = run(move || store.samples(&f)).await?;
     Ok(Json(crate::drilldown::drilldown(

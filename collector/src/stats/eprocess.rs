@@ -90,10 +90,6 @@ impl MeanTest {
         self.sum_sq += x * x;
     }
 
-    pub fn n(&self) -> u64 {
-        self.n
-    }
-
     pub fn mean(&self) -> Option<f64> {
         (self.n > 0).then(|| self.sum / self.n as f64)
     }
