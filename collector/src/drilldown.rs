@@ -3,8 +3,9 @@
 //! `user_agent`) are over-represented among the canary's bad requests compared with the
 //! baseline's requests?
 //!
-//! A canary request is *bad* for latency when it is slower than the baseline's p90 on the same
-//! endpoint, for errors when it has no response or a 5xx. For each value v of each dimension:
+//! A canary request is *bad* for a tail metric `pNN` when it is slower than the baseline's pNN on
+//! the same endpoint (which clients, routes or pods hold the slow tail), for `latency` when it is
+//! slower than the baseline's p90, for `errors` when it has no response or a 5xx. For each value v of each dimension:
 //! `bad_share` = share of the bad canary requests that have v, `baseline_share` = share of the
 //! baseline requests that have v; the score is their difference, so a value that explains the
 //! regression scores near 1 and a value as common in both cohorts near 0.
@@ -67,15 +68,20 @@ fn dimensions(r: &SampleRow, endpoint: &str) -> Vec<(String, String)> {
 /// Smallest share difference worth showing.
 const MIN_SCORE: f64 = 0.01;
 
-fn p90(v: &mut [u64]) -> Option<u64> {
+fn quantile(v: &mut [u64], q: f64) -> Option<u64> {
     if v.is_empty() {
         return None;
     }
     v.sort_unstable();
-    Some(v[((v.len() - 1) as f64 * 0.9).round() as usize])
+    Some(v[((v.len() - 1) as f64 * q).round() as usize])
 }
 
-/// Ranks dimension values for `metric` (`latency` or `errors`) of `canary` against `baseline`,
+/// The baseline quantile a latency metric calls slow: `p99` -> 0.99, `latency` -> 0.9.
+fn slow_quantile(metric: &str) -> f64 {
+    crate::stats::quantile_from_name(metric).unwrap_or(0.9)
+}
+
+/// Ranks dimension values for `metric` (`latency`, `pNN` or `errors`) of `canary` against `baseline`,
 /// on one endpoint (`METHOD path`) or all (`None` or `*`). Best explanations first.
 pub fn drilldown(
     rows: &[SampleRow],
@@ -92,7 +98,9 @@ pub fn drilldown(
         .map(|r| (r, r.endpoint()))
         .filter(|(_, e)| endpoint.is_none_or(|want| want == e))
         .collect();
-    // Baseline p90 per endpoint: "slow" is relative to what the same endpoint usually takes.
+    // A baseline quantile per endpoint: "slow" is relative to what the same endpoint usually
+    // takes.
+    let q = slow_quantile(metric);
     let mut durations: HashMap<&str, Vec<u64>> = HashMap::new();
     for (r, e) in &rows {
         if r.cohort == baseline {
@@ -101,7 +109,7 @@ pub fn drilldown(
     }
     let limits: HashMap<&str, u64> = durations
         .iter_mut()
-        .filter_map(|(e, v)| Some((*e, p90(v)?)))
+        .filter_map(|(e, v)| Some((*e, quantile(v, q)?)))
         .collect();
     let bad = |r: &SampleRow, e: &str| match metric {
         "errors" => r.status.is_none_or(|s| s >= 500),
@@ -229,6 +237,25 @@ mod tests {
         );
         assert_eq!(one[0].value, "mobile");
         assert!(one.iter().all(|r| r.dimension != "endpoint"));
+    }
+
+    #[test]
+    fn tail_metrics_call_slow_what_exceeds_the_baselines_quantile() {
+        assert_eq!(slow_quantile("p99"), 0.99);
+        assert_eq!(slow_quantile("p90"), 0.9);
+        assert_eq!(slow_quantile("p999"), 0.999);
+        assert_eq!(slow_quantile("latency"), 0.9);
+        let mut rows = Vec::new();
+        for i in 0..1000u64 {
+            let agent = if i % 10 == 0 { "old-sdk" } else { "web" };
+            rows.push(row("baseline", "/", 10 + i % 7, agent, 200));
+            // The canary's slow tail is the old SDK's 10% of requests.
+            let slow = if agent == "old-sdk" { 50 } else { 0 };
+            rows.push(row("canary", "/", 10 + i % 7 + slow, agent, 200));
+        }
+        let top = drilldown(&rows, "baseline", "canary", "p99", None, 3);
+        assert_eq!(top[0].value, "old-sdk", "{top:#?}");
+        assert_eq!(top[0].canary_bad, 100);
     }
 
     #[test]

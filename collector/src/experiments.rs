@@ -16,9 +16,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    query::Filter,
-    store::Store,
-    verdict::{Decision, JudgeConfig, Verdict, judge_rows},
+    live::{Live, VerdictError, VerdictRequest},
+    verdict::{Decision, JudgeConfig, Verdict},
 };
 
 /// One experiment.
@@ -129,16 +128,30 @@ fn post(url: &str, body: &serde_json::Value) -> bool {
     false
 }
 
-/// Judges every configured experiment once; notifies new failures. Blocking (store reads).
+/// Judges every configured experiment once; notifies new failures. Blocking (the drill-down of
+/// a failing canary reads raw events).
 pub fn evaluate(
-    store: &dyn Store,
+    live: &Live,
     experiments: &[Experiment],
     verdicts: &Verdicts,
-) -> Result<(), crate::store::StoreError> {
+) -> Result<(), VerdictError> {
     for e in experiments {
-        let rows = store.samples(&Filter::experiment(&e.name, e.since_unix_ns))?;
         for canary in &e.canaries {
-            let v = judge_rows(&rows, &e.baseline, canary, &e.judge);
+            let request = VerdictRequest {
+                experiment: e.name.clone(),
+                baseline: e.baseline.clone(),
+                canary: canary.clone(),
+                since_unix_ns: e.since_unix_ns,
+                overrides: Default::default(),
+            };
+            let v = match live.verdict(&e.judge, &request) {
+                Ok(v) => v,
+                Err(VerdictError::NotFound(why)) => {
+                    tracing::debug!(experiment = e.name, canary, why, "nothing to judge yet");
+                    continue;
+                }
+                Err(other) => return Err(other),
+            };
             let key = (e.name.clone(), canary.clone());
             let was_failing = verdicts
                 .latest
@@ -175,7 +188,7 @@ pub fn evaluate(
 
 /// Re-judges every `every` until the runtime stops.
 pub async fn run(
-    store: Arc<dyn Store>,
+    live: Arc<Live>,
     experiments: Arc<Vec<Experiment>>,
     verdicts: Arc<Verdicts>,
     every: Duration,
@@ -183,9 +196,8 @@ pub async fn run(
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        let (store, experiments, verdicts) = (store.clone(), experiments.clone(), verdicts.clone());
-        match tokio::task::spawn_blocking(move || evaluate(&*store, &experiments, &verdicts)).await
-        {
+        let (live, experiments, verdicts) = (live.clone(), experiments.clone(), verdicts.clone());
+        match tokio::task::spawn_blocking(move || evaluate(&live, &experiments, &verdicts)).await {
             Ok(Err(e)) => tracing::warn!(error = %e, "experiment evaluation failed"),
             Err(e) => tracing::warn!(error = %e, "experiment evaluation panicked"),
             Ok(Ok(())) => {}
@@ -219,7 +231,7 @@ mod tests {
         assert_eq!(e.baseline, "baseline");
         assert_eq!(e.canaries, ["canary", "canary-eu"]);
         assert_eq!(e.judge.alpha, 0.01);
-        assert_eq!(e.judge.min_groups, JudgeConfig::default().min_groups);
+        assert_eq!(e.judge.min_requests, JudgeConfig::default().min_requests);
         for (bad, needle) in [
             (
                 "experiments:\n  - name: x\n    canaries: []\n",

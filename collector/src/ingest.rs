@@ -20,7 +20,10 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::store::Store;
+use crate::{
+    series::{Rollup, SECOND_NS},
+    store::Store,
+};
 
 /// Most events one batch may carry.
 pub const MAX_BATCH_EVENTS: usize = 100_000;
@@ -34,6 +37,8 @@ pub struct IngestStats {
     pub batches_stored: AtomicU64,
     pub batches_duplicate: AtomicU64,
     pub streams_refused: AtomicU64,
+    /// Events stored after the judge had read their second (stored, not judged).
+    pub events_late: AtomicU64,
     /// Latest health report per probe id.
     pub health: Mutex<HashMap<String, ProbeHealth>>,
     /// Seconds to store one batch (append + sequence, durably).
@@ -47,6 +52,7 @@ impl Default for IngestStats {
             batches_stored: AtomicU64::default(),
             batches_duplicate: AtomicU64::default(),
             streams_refused: AtomicU64::default(),
+            events_late: AtomicU64::default(),
             health: Mutex::default(),
             store_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
         }
@@ -56,11 +62,17 @@ impl Default for IngestStats {
 pub struct IngestService {
     store: Arc<dyn Store>,
     pub stats: Arc<IngestStats>,
+    /// The judge's state: which seconds it has already read (later events for them are late).
+    rollup: Arc<Rollup>,
 }
 
 impl IngestService {
-    pub fn new(store: Arc<dyn Store>, stats: Arc<IngestStats>) -> Self {
-        Self { store, stats }
+    pub fn new(store: Arc<dyn Store>, stats: Arc<IngestStats>, rollup: Arc<Rollup>) -> Self {
+        Self {
+            store,
+            stats,
+            rollup,
+        }
     }
 }
 
@@ -129,6 +141,7 @@ impl Ingest for IngestService {
         }));
         let store = self.store.clone();
         let stats = self.stats.clone();
+        let rollup = self.rollup.clone();
         tokio::spawn(async move {
             loop {
                 let msg = match inbound.message().await {
@@ -161,6 +174,12 @@ impl Ingest for IngestService {
                                 batch.sequence,
                                 batch.events.len(),
                             );
+                            let closed = rollup.closed_before().saturating_mul(SECOND_NS);
+                            let late = batch
+                                .events
+                                .iter()
+                                .filter(|e| e.start_unix_ns < closed)
+                                .count() as u64;
                             let started = std::time::Instant::now();
                             match blocking(move || store.append(&p, seq, &batch.events)).await {
                                 Ok(()) => {
@@ -168,6 +187,7 @@ impl Ingest for IngestService {
                                     last = seq;
                                     stats.batches_stored.fetch_add(1, Ordering::Relaxed);
                                     stats.events_stored.fetch_add(n as u64, Ordering::Relaxed);
+                                    stats.events_late.fetch_add(late, Ordering::Relaxed);
                                 }
                                 Err(status) => {
                                     tracing::error!(

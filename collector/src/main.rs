@@ -10,8 +10,10 @@ use bakeoff_collector::{
     },
     experiments::{Experiment, ExperimentsFile, Verdicts},
     ingest::{IngestService, IngestStats, MAX_MESSAGE_BYTES},
+    live::{Live, VerdictResponse},
     query::{Filter, GroupRow},
     store::{Store, clickhouse::ClickHouseStore, duckdb::DuckDbStore},
+    verdict::{Decision, MetricVerdict},
 };
 use bakeoff_proto::v1::{ingest_server::IngestServer, query_server::QueryServer};
 use clap::{Parser, Subcommand};
@@ -57,6 +59,10 @@ enum Cmd {
         /// Experiments to judge continuously (YAML: name, baseline, canaries, webhook, judge).
         #[arg(long, env = "BAKEOFF_EXPERIMENTS")]
         experiments: Option<PathBuf>,
+        /// Seconds the judge waits after a second of traffic ends before reading it (events
+        /// of that second arriving later are stored but not judged, and counted as late).
+        #[arg(long, env = "BAKEOFF_JUDGE_LAG", default_value_t = 2.0)]
+        judge_lag: f64,
         /// Seconds between two judgements of the configured experiments.
         #[arg(long, default_value_t = 15.0)]
         evaluate_every: f64,
@@ -75,18 +81,8 @@ enum Cmd {
         /// The collector's HTTP API.
         #[arg(long, env = "BAKEOFF_API", default_value = "http://127.0.0.1:8080")]
         api: String,
-        /// Probability of failing an identical canary (whole experiment, any number of looks).
-        #[arg(long)]
-        alpha: Option<f64>,
-        /// Latency tolerance as a fraction (0.05: a canary up to 5% slower is not harm).
-        #[arg(long)]
-        latency_tolerance: Option<f64>,
-        /// Error-rate tolerance as a fraction (0.005: half a percentage point).
-        #[arg(long)]
-        error_tolerance: Option<f64>,
-        /// Comparison groups needed before a pass.
-        #[arg(long)]
-        min_groups: Option<u64>,
+        #[command(flatten)]
+        judge: JudgeArgs,
         /// Refresh every this many seconds until the verdict is pass or fail.
         #[arg(long, value_name = "SECS")]
         watch: Option<f64>,
@@ -110,8 +106,8 @@ enum Cmd {
         /// The collector's HTTP API.
         #[arg(long, env = "BAKEOFF_API", default_value = "http://127.0.0.1:8080")]
         api: String,
-        #[arg(long)]
-        alpha: Option<f64>,
+        #[command(flatten)]
+        judge: JudgeArgs,
     },
     /// Query events: raw (newest first) or grouped, as a table or JSON.
     Events {
@@ -153,6 +149,7 @@ fn main() {
             tls_key,
             tls_client_ca,
             experiments,
+            judge_lag,
             evaluate_every,
             retention_hours,
         } => {
@@ -190,6 +187,7 @@ fn main() {
                     experiments,
                     Duration::from_secs_f64(evaluate_every.max(0.5)),
                 ),
+                Duration::from_secs_f64(judge_lag.clamp(0.0, 3600.0)),
                 retention_hours,
             )
         }
@@ -198,10 +196,7 @@ fn main() {
             baseline,
             canary,
             api,
-            alpha,
-            latency_tolerance,
-            error_tolerance,
-            min_groups,
+            judge,
             watch,
             timeout,
             json,
@@ -211,18 +206,7 @@ fn main() {
                 ("baseline", baseline),
                 ("canary", canary),
             ];
-            for (k, v) in [
-                ("alpha", alpha),
-                ("latency_tolerance", latency_tolerance),
-                ("error_tolerance", error_tolerance),
-            ] {
-                if let Some(v) = v {
-                    query.push((k, v.to_string()));
-                }
-            }
-            if let Some(v) = min_groups {
-                query.push(("min_groups", v.to_string()));
-            }
+            query.extend(judge.query());
             match verdict(&api, &query, watch, timeout, json) {
                 Ok(code) => std::process::exit(code),
                 Err(e) => {
@@ -237,8 +221,8 @@ fn main() {
             baseline,
             canary,
             api,
-            alpha,
-        } => report(&api, &experiment, &baseline, &canary, alpha, &output),
+            judge,
+        } => report(&api, &experiment, &baseline, &canary, &judge, &output),
         Cmd::Events {
             api,
             filters,
@@ -250,6 +234,72 @@ fn main() {
     if let Err(e) = result {
         eprintln!("bakeoff: error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Judge settings a verdict request may override (unset: the collector's defaults).
+#[derive(clap::Args, Debug, Default)]
+struct JudgeArgs {
+    /// Probability of failing an identical canary (whole experiment, any number of looks).
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Location tolerance (0.05: a canary request up to 5% slower than a baseline one is fine).
+    #[arg(long)]
+    latency_tolerance: Option<f64>,
+    /// Tail quantiles and their tolerances, e.g. `p90=0.1,p99=0.2,p999=0.5`.
+    #[arg(long)]
+    quantiles: Option<String>,
+    /// Errors: harm is a canary error rate above (1 + this) x the baseline's.
+    #[arg(long)]
+    error_ratio_tolerance: Option<f64>,
+    /// Errors: absolute slack a pass allows (0.005: half a percentage point).
+    #[arg(long)]
+    error_tolerance: Option<f64>,
+    /// Volume: how much less than its share the canary may get (0.1: 10%).
+    #[arg(long)]
+    volume_tolerance: Option<f64>,
+    /// The canary's expected share of canary + baseline requests (unset: learned).
+    #[arg(long)]
+    split: Option<f64>,
+    /// Requests per cohort needed before a pass.
+    #[arg(long)]
+    min_requests: Option<u64>,
+    /// Endpoints judged on their own.
+    #[arg(long)]
+    max_endpoints: Option<usize>,
+}
+
+impl JudgeArgs {
+    /// The settings given, as query parameters.
+    fn query(&self) -> Vec<(&'static str, String)> {
+        let mut q = Vec::new();
+        let mut put = |k: &'static str, v: Option<String>| {
+            if let Some(v) = v {
+                q.push((k, v));
+            }
+        };
+        put("alpha", self.alpha.map(|v| v.to_string()));
+        put(
+            "latency_tolerance",
+            self.latency_tolerance.map(|v| v.to_string()),
+        );
+        put("quantiles", self.quantiles.clone());
+        put(
+            "error_ratio_tolerance",
+            self.error_ratio_tolerance.map(|v| v.to_string()),
+        );
+        put(
+            "error_tolerance",
+            self.error_tolerance.map(|v| v.to_string()),
+        );
+        put(
+            "volume_tolerance",
+            self.volume_tolerance.map(|v| v.to_string()),
+        );
+        put("split", self.split.map(|v| v.to_string()));
+        put("min_requests", self.min_requests.map(|v| v.to_string()));
+        put("max_endpoints", self.max_endpoints.map(|v| v.to_string()));
+        q
     }
 }
 
@@ -308,9 +358,21 @@ fn serve(
     backend: Backend,
     tls: Option<TlsFiles>,
     (experiments, evaluate_every): (Vec<Experiment>, Duration),
+    judge_lag: Duration,
     retention_hours: u64,
 ) -> Result<()> {
     let store = backend.open()?;
+    let live = Arc::new(Live::new(store.clone(), judge_lag));
+    // Rebuild the judge's state from what is stored before taking new events.
+    let started = std::time::Instant::now();
+    let folded = live
+        .close_due()
+        .context("cannot read the judge's state from the store")?;
+    tracing::info!(
+        requests = folded,
+        seconds = started.elapsed().as_secs_f64(),
+        "judge state rebuilt from the store"
+    );
     let verdicts = Arc::new(Verdicts::default());
     let mut grpc_builder = tonic::transport::Server::builder();
     if let Some(t) = &tls {
@@ -330,8 +392,10 @@ fn serve(
         let grpc_listener = tokio::net::TcpListener::bind(grpc)
             .await
             .with_context(|| format!("cannot listen on {grpc}"))?;
+        tokio::spawn(live.clone().run());
         let app = router(ApiState {
             store: store.clone(),
+            live: live.clone(),
             stats: stats.clone(),
             metrics: Arc::new(bakeoff_collector::metrics::registry(stats.clone())),
             verdicts: verdicts.clone(),
@@ -343,14 +407,18 @@ fn serve(
                 "judging configured experiments"
             );
             tokio::spawn(bakeoff_collector::experiments::run(
-                store.clone(),
+                live.clone(),
                 Arc::new(experiments),
                 verdicts.clone(),
                 evaluate_every,
             ));
         }
-        let ingest = IngestServer::new(IngestService::new(store.clone(), stats.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let ingest = IngestServer::new(IngestService::new(
+            store.clone(),
+            stats.clone(),
+            live.rollup.clone(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
         tracing::info!(
             %grpc,
             %http,
@@ -381,7 +449,10 @@ fn serve(
         }
         let grpc_server = grpc_builder
             .add_service(ingest)
-            .add_service(QueryServer::new(QueryService::new(store.clone())))
+            .add_service(QueryServer::new(QueryService::new(
+                store.clone(),
+                live.clone(),
+            )))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
                 shutdown(),
@@ -515,23 +586,16 @@ fn verdict(
         for (k, v) in query {
             req = req.query(*k, v);
         }
-        let mut resp = req
-            .call()
-            .with_context(|| format!("cannot get the verdict from {api}"))?;
-        let v: serde_json::Value = resp
-            .body_mut()
-            .read_json()
-            .context("bad JSON from the collector")?;
-        let decision = v["decision"].as_str().unwrap_or("inconclusive").to_string();
+        let v = fetch_verdict(req, api)?;
         if json {
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             print!("{}", verdict_table(&v));
         }
-        let code = match decision.as_str() {
-            "pass" => 0,
-            "fail" => 1,
-            _ => 2,
+        let code = match v.verdict.decision {
+            Decision::Pass => 0,
+            Decision::Fail => 1,
+            Decision::Inconclusive => 2,
         };
         match watch {
             Some(every) if code == 2 && std::time::Instant::now() < deadline => {
@@ -545,9 +609,34 @@ fn verdict(
     }
 }
 
+/// One verdict request: the typed answer, or an error carrying the collector's reason (an
+/// unknown experiment is a 404 naming the ones that exist).
+fn fetch_verdict(
+    req: ureq::RequestBuilder<ureq::typestate::WithoutBody>,
+    api: &str,
+) -> Result<VerdictResponse> {
+    let mut resp = req
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .with_context(|| format!("cannot get the verdict from {api}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body: serde_json::Value = resp.body_mut().read_json().unwrap_or_default();
+        bail!(
+            "the collector answered {status}: {}",
+            body["error"].as_str().unwrap_or("(no reason given)")
+        );
+    }
+    resp.body_mut()
+        .read_json()
+        .context("the collector's verdict is not the JSON this client expects")
+}
+
 /// E-values grow geometrically: beyond a million, the exponent is what matters.
-fn e_value(v: &serde_json::Value) -> String {
-    match v.as_f64() {
+fn e_value(v: Option<f64>) -> String {
+    match v {
         Some(x) if x >= 1e6 => format!("{x:.2e}"),
         Some(x) => format!("{x:.1}"),
         None => "-".into(),
@@ -564,69 +653,108 @@ fn fit(s: &str, n: usize) -> String {
     }
 }
 
+/// A metric's values as the table shows them: ms for latency metrics, % for rates and shares.
+fn value(m: &MetricVerdict, v: Option<f64>) -> String {
+    match (m.metric.as_str(), v) {
+        (_, None) => "-".into(),
+        ("errors" | "volume", Some(x)) => format!("{:.2}%", 100.0 * x),
+        (_, Some(x)) => format!("{x:.3}"),
+    }
+}
+
+/// Bounds as `lo..hi`.
+fn bounds(m: &MetricVerdict) -> String {
+    let b = match m.metric.as_str() {
+        "errors" => m.canary_bounds,
+        _ => m.ratio_bounds,
+    };
+    let Some(b) = b else { return "-".into() };
+    let f = |v: Option<f64>| match (m.metric.as_str(), v) {
+        (_, None) => "?".to_string(),
+        ("errors", Some(x)) => format!("{:.2}%", 100.0 * x),
+        (_, Some(x)) => format!("x{x:.2}"),
+    };
+    format!("{}..{}", f(b.lower), f(b.upper))
+}
+
 /// The verdict for a terminal: the decision and why, then one line per judged metric.
-fn verdict_table(v: &serde_json::Value) -> String {
-    let s = |x: &serde_json::Value| x.as_str().unwrap_or("-").to_string();
-    let num = |x: &serde_json::Value, scale: f64, digits: usize| {
-        x.as_f64()
-            .map_or("-".to_string(), |f| format!("{:.*}", digits, f * scale))
+fn verdict_table(r: &VerdictResponse) -> String {
+    let v = &r.verdict;
+    let decision = match v.decision {
+        Decision::Pass => "PASS",
+        Decision::Fail => "FAIL",
+        Decision::Inconclusive => "INCONCLUSIVE",
     };
     let mut out = format!(
-        "{} canary `{}` vs baseline `{}`: {} (score {:.0}, {} comparison groups from {} canary / {} baseline requests, alpha {})\n",
-        s(&v["experiment"]),
-        s(&v["canary"]),
-        s(&v["baseline"]),
-        s(&v["decision"]).to_uppercase(),
-        v["score"].as_f64().unwrap_or(0.0),
-        v["groups"],
-        v["requests"]["canary"],
-        v["requests"]["baseline"],
-        v["alpha"],
+        "{} canary `{}` vs baseline `{}`: {decision} (score {:.0}, {} canary / {} baseline requests over {} s, alpha {} over {} metrics)\n",
+        r.experiment,
+        r.canary,
+        r.baseline,
+        v.score,
+        v.requests.canary,
+        v.requests.baseline,
+        v.seconds,
+        v.alpha,
+        v.metrics_judged,
     );
-    for r in v["reasons"].as_array().into_iter().flatten() {
-        out += &format!("  - {}\n", s(r));
+    for reason in &v.reasons {
+        out += &format!("  - {reason}\n");
+    }
+    if let Some(expected) = v.volume.expected {
+        out += &format!(
+            "  volume: canary {:.1}% of requests, {:.1}% expected ({})\n",
+            100.0 * v.volume.observed,
+            100.0 * expected,
+            v.volume.source
+        );
     }
     out += &format!(
-        "\n{:<8} {:<28} {:<12} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10} {:>8}\n",
+        "\n{:<8} {:<28} {:<12} {:>8} {:>10} {:>10} {:>8} {:>18} {:>10} {:>10}\n",
         "metric",
         "endpoint",
         "decision",
-        "groups",
+        "canary_n",
         "canary",
         "baseline",
-        "effect",
+        "limit",
+        "bounds",
         "e_harm",
-        "e_safe",
-        "kayenta"
+        "e_safe"
     );
-    for m in v["metrics"].as_array().into_iter().flatten() {
-        let (scale, digits) = if m["metric"] == "errors" {
-            (100.0, 2)
+    for m in &v.metrics {
+        let limit = if m.metric == "volume" {
+            format!("{:.1}%", 100.0 * m.limit)
         } else {
-            (1.0, 3)
+            format!("x{:.2}", m.limit)
+        };
+        let decision = match m.decision {
+            Decision::Pass => "pass",
+            Decision::Fail => "fail",
+            Decision::Inconclusive if m.required => "inconclusive",
+            Decision::Inconclusive => "(too few)",
         };
         out += &format!(
-            "{:<8} {:<28} {:<12} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10} {:>8}\n",
-            s(&m["metric"]),
-            fit(&s(&m["endpoint"]), 28),
-            s(&m["decision"]),
-            m["groups"].to_string(),
-            num(&m["canary"], scale, digits),
-            num(&m["baseline"], scale, digits),
-            num(&m["effect"], 100.0, 1),
-            e_value(&m["e_value_harm"]),
-            e_value(&m["e_value_safe"]),
-            s(&m["kayenta"]),
+            "{:<8} {:<28} {:<12} {:>8} {:>10} {:>10} {:>8} {:>18} {:>10} {:>10}\n",
+            m.metric,
+            fit(&m.endpoint, 28),
+            decision,
+            m.canary_requests,
+            value(m, m.canary),
+            value(m, m.baseline),
+            limit,
+            bounds(m),
+            e_value(m.e_value_harm),
+            e_value(m.e_value_safe),
         );
     }
-    for m in v["metrics"].as_array().into_iter().flatten() {
-        let Some(rows) = m["drilldown"].as_array().filter(|r| !r.is_empty()) else {
+    for m in &v.metrics {
+        if m.drilldown.is_empty() {
             continue;
-        };
+        }
         out += &format!(
             "\nwhere {} {} fails, the canary's bad requests are mostly:\n{:<14} {:<36} {:>8} {:>10} {:>15} {:>6}\n",
-            s(&m["metric"]),
-            s(&m["endpoint"]),
+            m.metric,
+            m.endpoint,
             "dimension",
             "value",
             "bad",
@@ -634,19 +762,19 @@ fn verdict_table(v: &serde_json::Value) -> String {
             "baseline_share",
             "score"
         );
-        for r in rows {
+        for d in &m.drilldown {
             out += &format!(
                 "{:<14} {:<36} {:>8} {:>9.1}% {:>14.1}% {:>6.2}\n",
-                fit(&s(&r["dimension"]), 14),
-                fit(&s(&r["value"]), 36),
-                r["canary_bad"].to_string(),
-                100.0 * r["bad_share"].as_f64().unwrap_or(0.0),
-                100.0 * r["baseline_share"].as_f64().unwrap_or(0.0),
-                r["score"].as_f64().unwrap_or(0.0),
+                fit(&d.dimension, 14),
+                fit(&d.value, 36),
+                d.canary_bad,
+                100.0 * d.bad_share,
+                100.0 * d.baseline_share,
+                d.score,
             );
         }
     }
-    out += "(latency: p50 ms of compared requests, effect = % of comparisons slower beyond tolerance; errors: %, effect = difference in points)\n";
+    out += "(latency: p50 ms, bounds on nothing; pNN: ms, bounds on canary/baseline; errors: rate, bounds on the canary's; volume: canary share vs expected)\n";
     out
 }
 
@@ -656,15 +784,15 @@ fn report(
     experiment: &str,
     baseline: &str,
     canary: &str,
-    alpha: Option<f64>,
+    judge: &JudgeArgs,
     output: &std::path::Path,
 ) -> Result<()> {
     let mut req = ureq::get(&format!("{}/report", api.trim_end_matches('/')))
         .query("experiment", experiment)
         .query("baseline", baseline)
         .query("canary", canary);
-    if let Some(a) = alpha {
-        req = req.query("alpha", a.to_string());
+    for (k, v) in judge.query() {
+        req = req.query(k, v);
     }
     let html = req
         .call()

@@ -73,6 +73,12 @@ impl Collector for IngestCollector {
             "Ingest streams refused (no hello, wrong version, bad message)",
             g(&s.streams_refused),
         )?;
+        counter(
+            &mut enc,
+            "events_late",
+            "Events stored after the judge had read their second (stored, not judged)",
+            g(&s.events_late),
+        )?;
         let Ok(health) = s.health.lock() else {
             return Ok(());
         };

@@ -33,6 +33,8 @@ pub enum QueryError {
     UnknownField(String),
     #[error("filter `{0}` is not FIELD=VALUE")]
     BadFilter(String),
+    #[error("{0}={1}: expected a time in Unix nanoseconds")]
+    BadTime(String, String),
 }
 
 /// Equality filters, ANDed, plus an optional time range on the request start.
@@ -76,8 +78,16 @@ impl Filter {
     /// Adds one equality (also `since`/`until` in Unix ns).
     pub fn add(&mut self, key: &str, value: &str) -> Result<(), QueryError> {
         match key {
-            "since" => self.since_unix_ns = value.parse().ok(),
-            "until" => self.until_unix_ns = value.parse().ok(),
+            "since" | "until" => {
+                let ns = value
+                    .parse()
+                    .map_err(|_| QueryError::BadTime(key.to_string(), value.to_string()))?;
+                if key == "since" {
+                    self.since_unix_ns = Some(ns);
+                } else {
+                    self.until_unix_ns = Some(ns);
+                }
+            }
             _ => self
                 .equals
                 .push((field(key)?.to_string(), value.to_string())),

@@ -5,10 +5,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use crate::{
-    store::SampleRow,
-    verdict::{Decision, Verdict},
-};
+use crate::{live::VerdictResponse, store::SampleRow, verdict::Decision};
 
 /// HTML-escapes text taken from traffic (paths, user agents): it is data, never markup.
 pub fn esc(s: &str) -> String {
@@ -150,13 +147,13 @@ fn cdf(sorted_ms: &[f64], upto: f64) -> Vec<(f64, f64)> {
 }
 
 /// The whole report page.
-pub fn render(
-    experiment: &str,
-    baseline: &str,
-    canary: &str,
-    verdict: &Verdict,
-    rows: &[SampleRow],
-) -> String {
+pub fn render(answer: &VerdictResponse, rows: &[SampleRow]) -> String {
+    let (experiment, baseline, canary, verdict) = (
+        answer.experiment.as_str(),
+        answer.baseline.as_str(),
+        answer.canary.as_str(),
+        &answer.verdict,
+    );
     let decision = match verdict.decision {
         Decision::Pass => "pass",
         Decision::Fail => "fail",
@@ -179,7 +176,7 @@ td.l,th.l{{text-align:left}}figure{{display:inline-block;margin:.5em}}figcaption
         "<h1>{e}: canary <code>{c}</code> vs baseline <code>{b}</code></h1>\
 <p><span class=\"badge {decision}\" id=\"decision\" data-decision=\"{decision}\">{upper}</span> \
 score <span id=\"score\" data-score=\"{score:.1}\">{score:.0}</span>, \
-<span id=\"groups\" data-groups=\"{groups}\">{groups}</span> comparison groups from \
+<span id=\"seconds\" data-seconds=\"{seconds}\">{seconds}</span> seconds of traffic from \
 <span data-canary-requests=\"{cr}\">{cr}</span> canary and <span data-baseline-requests=\"{br}\">{br}</span> baseline requests, \
 alpha {alpha} (valid however often this is read).</p><ul>",
         e = esc(experiment),
@@ -187,7 +184,7 @@ alpha {alpha} (valid however often this is read).</p><ul>",
         b = esc(baseline),
         upper = decision.to_uppercase(),
         score = verdict.score,
-        groups = verdict.groups,
+        seconds = verdict.seconds,
         cr = verdict.requests.canary,
         br = verdict.requests.baseline,
         alpha = verdict.alpha,
@@ -195,36 +192,29 @@ alpha {alpha} (valid however often this is read).</p><ul>",
     for r in &verdict.reasons {
         let _ = write!(html, "<li>{}</li>", esc(r));
     }
-    html.push_str("</ul><h2>Metrics</h2><table id=\"metrics\"><tr><th class=\"l\">metric</th><th class=\"l\">endpoint</th><th class=\"l\">decision</th><th>groups</th><th>canary</th><th>baseline</th><th>effect</th><th>e-value (harm)</th><th>e-value (no harm)</th><th>HL shift ms [interval]</th><th class=\"l\">Kayenta</th></tr>");
+    html.push_str("</ul><h2>Metrics</h2><table id=\"metrics\"><tr><th class=\"l\">metric</th><th class=\"l\">endpoint</th><th class=\"l\">decision</th><th>canary requests</th><th>canary</th><th>baseline</th><th>limit</th><th>lower bound</th><th>upper bound</th><th>e-value (harm)</th><th>e-value (no harm)</th></tr>");
     let opt =
         |v: Option<f64>, scale: f64| v.map_or("-".to_string(), |v| format!("{:.3}", v * scale));
     for m in &verdict.metrics {
         let scale = if m.metric == "errors" { 100.0 } else { 1.0 };
         let _ = write!(
             html,
-            "<tr class=\"metric\" data-metric=\"{metric}\" data-endpoint=\"{ep}\" data-decision=\"{d}\" data-groups=\"{g}\">\
-<td class=\"l\">{metric}</td><td class=\"l\">{ep}</td><td class=\"l\">{d}</td><td>{g}</td><td>{c}</td><td>{b}</td><td>{eff}</td><td>{eh}</td><td>{es}</td><td>{hl}</td><td class=\"l\">{k}</td></tr>",
+            "<tr class=\"metric\" data-metric=\"{metric}\" data-endpoint=\"{ep}\" data-decision=\"{d}\" data-canary-requests=\"{g}\">\
+<td class=\"l\">{metric}</td><td class=\"l\">{ep}</td><td class=\"l\">{d}</td><td>{g}</td><td>{c}</td><td>{b}</td><td>{limit:.3}</td><td>{lo}</td><td>{hi}</td><td>{eh}</td><td>{es}</td></tr>",
             metric = esc(&m.metric),
             ep = esc(&m.endpoint),
             d = serde_json::to_value(m.decision)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default(),
-            g = m.groups,
+            g = m.canary_requests,
             c = opt(m.canary, scale),
             b = opt(m.baseline, scale),
-            eff = opt(m.effect, 100.0),
-            eh = e_value(m.e_value_harm),
-            es = e_value(m.e_value_safe),
-            hl = m.shift_ms.map_or("-".into(), |s| format!(
-                "{:.3} [{:.3}, {:.3}]",
-                s.estimate, s.lower, s.upper
-            )),
-            k = m
-                .kayenta
-                .and_then(|k| serde_json::to_value(k).ok())
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_else(|| "-".into()),
+            limit = m.limit,
+            lo = opt(m.ratio_bounds.and_then(|b| b.lower), 1.0),
+            hi = opt(m.ratio_bounds.and_then(|b| b.upper), 1.0),
+            eh = m.e_value_harm.map_or("-".into(), e_value),
+            es = m.e_value_safe.map_or("-".into(), e_value),
         );
     }
     html.push_str("</table><p>Latency: canary/baseline are the p50 (ms) of compared requests, effect the share of comparisons where the canary is slower beyond tolerance (%). Errors: rates (%), effect the difference in points. The Kayenta column is the fixed-horizon classification of the same data, for reference: it is not valid under repeated looks.</p>");
@@ -375,7 +365,7 @@ alpha {alpha} (valid however often this is read).</p><ul>",
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::verdict::{Judge, JudgeConfig};
+    use crate::verdict::JudgeConfig;
 
     #[test]
     fn traffic_text_is_escaped_and_numbers_are_tagged() {
@@ -396,8 +386,14 @@ mod tests {
                 })
             })
             .collect();
-        let v = Judge::new(JudgeConfig::default()).verdict();
-        let html = render("exp\"", "base", "can", &v, &rows);
+        let v = crate::verdict::judge_rows(&rows, "base", "can", &JudgeConfig::default());
+        let answer = VerdictResponse {
+            experiment: "exp\"".into(),
+            baseline: "base".into(),
+            canary: "can".into(),
+            verdict: v,
+        };
+        let html = render(&answer, &rows);
         assert!(!html.contains("<script>"), "unescaped traffic text");
         assert!(html.contains("&lt;script&gt;"));
         assert!(html.contains("data-decision=\"inconclusive\""));

@@ -70,6 +70,19 @@ impl Collector {
         ))
     }
 
+    /// The status and body text of a GET, whatever the status.
+    pub fn get_status(&self, path_and_query: &str) -> Result<(u16, String)> {
+        let url = format!("http://127.0.0.1:{}{path_and_query}", self.http_port);
+        let mut resp = ureq::get(&url)
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .with_context(|| format!("GET {url}"))?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.body_mut().read_to_string()?))
+    }
+
     /// SIGKILL: no chance to flush anything.
     pub fn kill(&mut self) -> Result<()> {
         self.guard.child.kill()?;

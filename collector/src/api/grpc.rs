@@ -10,9 +10,10 @@ use bakeoff_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::{
+    live::{self, Live, VerdictError},
     query::{Filter, GroupRow},
     store::{Store, StoreError, StoredEvent},
-    verdict::{Decision, JudgeConfig, Verdict, judge_rows},
+    verdict::{Bounds, Decision, JudgeConfig, JudgeOverrides, Verdict},
 };
 
 fn decision(d: Decision) -> i32 {
@@ -24,12 +25,21 @@ fn decision(d: Decision) -> i32 {
     d as i32
 }
 
+fn bounds(b: Bounds) -> pb::Bounds {
+    pb::Bounds {
+        lower: b.lower,
+        upper: b.upper,
+    }
+}
+
 /// The wire form of a verdict.
 pub fn verdict_to_proto(v: &Verdict) -> VerdictReply {
     VerdictReply {
         decision: decision(v.decision),
         score: v.score,
-        groups: v.groups,
+        seconds: v.seconds,
+        alpha: v.alpha,
+        threshold: v.threshold,
         canary_requests: v.requests.canary,
         baseline_requests: v.requests.baseline,
         reasons: v.reasons.clone(),
@@ -40,7 +50,13 @@ pub fn verdict_to_proto(v: &Verdict) -> VerdictReply {
                 metric: m.metric.clone(),
                 endpoint: m.endpoint.clone(),
                 decision: decision(m.decision),
-                groups: m.groups,
+                required: m.required,
+                canary_requests: m.canary_requests,
+                baseline_requests: m.baseline_requests,
+                canary_bounds: m.canary_bounds.map(bounds),
+                baseline_bounds: m.baseline_bounds.map(bounds),
+                ratio_bounds: m.ratio_bounds.map(bounds),
+                limit: m.limit,
                 canary: m.canary,
                 baseline: m.baseline,
                 effect: m.effect,
@@ -66,11 +82,12 @@ pub fn verdict_to_proto(v: &Verdict) -> VerdictReply {
 
 pub struct QueryService {
     store: Arc<dyn Store>,
+    live: Arc<Live>,
 }
 
 impl QueryService {
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+    pub fn new(store: Arc<dyn Store>, live: Arc<Live>) -> Self {
+        Self { store, live }
     }
 }
 
@@ -200,24 +217,33 @@ impl Query for QueryService {
         request: Request<VerdictRequest>,
     ) -> Result<Response<VerdictReply>, Status> {
         let r = request.into_inner();
-        let config = JudgeConfig::with_overrides(
-            r.alpha,
-            r.latency_tolerance,
-            r.error_tolerance,
-            r.min_groups,
-            None,
-        )
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let f = Filter::experiment(&r.experiment, r.since_unix_ns);
-        let store = self.store.clone();
-        let rows = run(move || store.samples(&f)).await?;
         let or = |s: String, d: &str| if s.is_empty() { d.to_string() } else { s };
-        let v = judge_rows(
-            &rows,
-            &or(r.baseline, "baseline"),
-            &or(r.canary, "canary"),
-            &config,
-        );
+        let req = live::VerdictRequest {
+            experiment: r.experiment,
+            baseline: or(r.baseline, "baseline"),
+            canary: or(r.canary, "canary"),
+            since_unix_ns: r.since_unix_ns,
+            overrides: JudgeOverrides {
+                alpha: r.alpha,
+                latency_tolerance: r.latency_tolerance,
+                quantiles: r.quantiles,
+                error_ratio_tolerance: r.error_ratio_tolerance,
+                error_tolerance: r.error_tolerance,
+                volume_tolerance: r.volume_tolerance,
+                split: r.split,
+                min_requests: r.min_requests,
+                max_endpoints: r.max_endpoints.map(|n| n as usize),
+            },
+        };
+        let live = self.live.clone();
+        let v = tokio::task::spawn_blocking(move || live.verdict(&JudgeConfig::default(), &req))
+            .await
+            .map_err(|e| Status::internal(format!("judge task failed: {e}")))?
+            .map_err(|e| match e {
+                VerdictError::NotFound(m) => Status::not_found(m),
+                VerdictError::Config(c) => Status::invalid_argument(c.to_string()),
+                VerdictError::Store(s) => Status::unavailable(format!("storage failed: {s}")),
+            })?;
         Ok(Response::new(verdict_to_proto(&v)))
     }
 

@@ -6,10 +6,11 @@
 //! - `GET /api/v1/groups?by=FIELD,FIELD&FIELD=VALUE...`: counts, errors, p50/p90/p99
 //! - `GET /api/v1/ingest`: ingest counters and each probe's last health report
 //! - `GET /api/v1/verdict?experiment=E&baseline=B&canary=C[&alpha=..]`: the verdict (Argo
-//!   Rollouts `web` metric provider)
+//!   Rollouts `web` metric provider); 404 naming what exists for an unknown experiment or
+//!   cohort, 400 for a bad or unknown parameter
 //! - `GET /api/v1/experiments/verdicts`: latest verdicts of the configured experiments
 //! - `POST /api/v1/flagger`: Flagger webhook (2xx unless the canary fails)
-//! - `GET /api/v1/drilldown?experiment=E&metric=latency|errors&endpoint=GET%20/x`: dimension
+//! - `GET /api/v1/drilldown?experiment=E&metric=latency|errors|p99&endpoint=GET%20/x`: dimension
 //!   values ranked by how much they explain the canary's bad requests
 //! - `GET /report?experiment=E&baseline=B&canary=C`: the self-contained HTML report
 //! - `GET /metrics`: Prometheus (OpenMetrics text)
@@ -19,7 +20,7 @@ use std::{collections::HashMap, sync::Arc, sync::atomic::Ordering};
 
 use axum::{
     Json, Router,
-    extract::{Query, State},
+    extract::{Query, State, rejection::QueryRejection},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::get,
@@ -27,15 +28,17 @@ use axum::{
 
 use crate::{
     ingest::IngestStats,
+    live::{Live, VerdictError, VerdictRequest, VerdictResponse},
     query::Filter,
-    store::SampleRow,
     store::{Store, StoreError},
-    verdict::{Decision, JudgeConfig, Verdict, judge_rows},
+    verdict::{Decision, JudgeConfig, JudgeOverrides},
 };
 
 #[derive(Clone)]
 pub struct ApiState {
     pub store: Arc<dyn Store>,
+    /// The judge's live state.
+    pub live: Arc<Live>,
     pub stats: Arc<IngestStats>,
     pub metrics: Arc<prometheus_client::registry::Registry>,
     /// Latest verdicts of the experiments configured with `--experiments`.
@@ -124,9 +127,12 @@ async fn events(
     let f = filter(&params, &["limit"])?;
     let limit = params
         .get("limit")
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(100usize)
-        .min(100_000);
+        .map(|l| {
+            l.parse::<usize>()
+                .map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("limit={l}: not a number")))
+        })
+        .transpose()?;
+    let limit = bounded(limit, 100, 100_000, "limit")?;
     Ok(Json(run(move || s.store.events(&f, limit)).await?))
 }
 
@@ -174,6 +180,8 @@ async fn ingest(State(s): State<ApiState>) -> impl IntoResponse {
         "batches_stored": g(&s.stats.batches_stored),
         "batches_duplicate": g(&s.stats.batches_duplicate),
         "streams_refused": g(&s.stats.streams_refused),
+        "events_late": g(&s.stats.events_late),
+        "judge_closed_before_unix_s": s.live.rollup.closed_before(),
         "probes": health,
     }))
 }
@@ -196,8 +204,10 @@ async fn metrics(State(s): State<ApiState>) -> Response {
     }
 }
 
-/// Which comparison a verdict request asks for.
+/// Which comparison a verdict request asks for; unknown parameters are refused (a misspelt
+/// tolerance must not be silently ignored).
 #[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VerdictQuery {
     pub experiment: String,
     #[serde(default = "default_baseline")]
@@ -208,8 +218,13 @@ pub struct VerdictQuery {
     pub since: Option<u64>,
     pub alpha: Option<f64>,
     pub latency_tolerance: Option<f64>,
+    /// `p90=0.1,p99=0.2`.
+    pub quantiles: Option<String>,
+    pub error_ratio_tolerance: Option<f64>,
     pub error_tolerance: Option<f64>,
-    pub min_groups: Option<u64>,
+    pub volume_tolerance: Option<f64>,
+    pub split: Option<f64>,
+    pub min_requests: Option<u64>,
     pub max_endpoints: Option<usize>,
 }
 
@@ -221,52 +236,62 @@ fn default_canary() -> String {
 }
 
 impl VerdictQuery {
-    fn config(&self) -> Result<JudgeConfig, ApiError> {
-        JudgeConfig::with_overrides(
-            self.alpha,
-            self.latency_tolerance,
-            self.error_tolerance,
-            self.min_groups,
-            self.max_endpoints,
-        )
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
+    fn request(self) -> VerdictRequest {
+        VerdictRequest {
+            experiment: self.experiment,
+            baseline: self.baseline,
+            canary: self.canary,
+            since_unix_ns: self.since,
+            overrides: JudgeOverrides {
+                alpha: self.alpha,
+                latency_tolerance: self.latency_tolerance,
+                quantiles: self.quantiles,
+                error_ratio_tolerance: self.error_ratio_tolerance,
+                error_tolerance: self.error_tolerance,
+                volume_tolerance: self.volume_tolerance,
+                split: self.split,
+                min_requests: self.min_requests,
+                max_endpoints: self.max_endpoints,
+            },
+        }
     }
 }
 
-/// The verdict and the rows it was computed from.
-async fn judged(
-    store: Arc<dyn Store>,
-    q: &VerdictQuery,
-) -> Result<(Verdict, Vec<SampleRow>), ApiError> {
-    let config = q.config()?;
-    let f = Filter::experiment(&q.experiment, q.since);
-    let rows = run(move || store.samples(&f)).await?;
-    let v = judge_rows(&rows, &q.baseline, &q.canary, &config);
-    Ok((v, rows))
+impl From<VerdictError> for ApiError {
+    fn from(e: VerdictError) -> Self {
+        match e {
+            VerdictError::NotFound(m) => ApiError(StatusCode::NOT_FOUND, m),
+            VerdictError::Config(c) => ApiError(StatusCode::BAD_REQUEST, c.to_string()),
+            VerdictError::Store(s) => s.into(),
+        }
+    }
 }
 
-/// Judges and returns the verdict as JSON, with what was compared.
-async fn judge(
-    store: Arc<dyn Store>,
-    q: VerdictQuery,
-) -> Result<(Decision, serde_json::Value), ApiError> {
-    let (v, _) = judged(store, &q).await?;
-    let decision = v.decision;
-    let mut json = serde_json::to_value(&v)
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    if let Some(m) = json.as_object_mut() {
-        m.insert("experiment".into(), q.experiment.into());
-        m.insert("baseline".into(), q.baseline.into());
-        m.insert("canary".into(), q.canary.into());
-    }
-    Ok((decision, json))
+/// Query parameters, or 400 with the reason (`since=abc`, an unknown parameter).
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(v)| v)
+        .map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))
+}
+
+/// Judges from the live rollup; the answer names what was compared.
+async fn judge(live: Arc<Live>, request: VerdictRequest) -> Result<VerdictResponse, ApiError> {
+    let r = request.clone();
+    let verdict = tokio::task::spawn_blocking(move || live.verdict(&JudgeConfig::default(), &r))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(VerdictResponse {
+        experiment: request.experiment,
+        baseline: request.baseline,
+        canary: request.canary,
+        verdict,
+    })
 }
 
 async fn verdict(
     State(s): State<ApiState>,
-    Query(q): Query<VerdictQuery>,
+    q: Result<Query<VerdictQuery>, QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(judge(s.store.clone(), q).await?.1))
+    Ok(Json(judge(s.live.clone(), query(q)?.request()).await?))
 }
 
 /// Flagger's webhook payload; the comparison comes from `metadata`.
@@ -284,42 +309,49 @@ async fn flagger(
     State(s): State<ApiState>,
     Json(hook): Json<FlaggerHook>,
 ) -> Result<Response, ApiError> {
-    let m = &hook.metadata;
-    let get = |k: &str| m.get(k).cloned();
-    let parse = |k: &str| -> Result<Option<f64>, ApiError> {
-        get(k)
-            .map(|v| {
-                v.parse().map_err(|_| {
-                    ApiError(
-                        StatusCode::BAD_REQUEST,
-                        format!("metadata.{k}: not a number: {v}"),
-                    )
-                })
-            })
-            .transpose()
-    };
-    let q = VerdictQuery {
-        experiment: get("experiment").unwrap_or_else(|| hook.name.clone()),
-        baseline: get("baseline").unwrap_or_else(default_baseline),
-        canary: get("canary").unwrap_or_else(default_canary),
-        since: parse("since")?.map(|v| v as u64),
-        alpha: parse("alpha")?,
-        latency_tolerance: parse("latency_tolerance")?,
-        error_tolerance: parse("error_tolerance")?,
-        min_groups: parse("min_groups")?.map(|v| v as u64),
-        max_endpoints: parse("max_endpoints")?.map(|v| v as usize),
-    };
-    let strict = get("strict").is_some_and(|v| v == "true");
-    let (decision, json) = judge(s.store.clone(), q).await?;
-    let status = match decision {
+    let mut m = hook.metadata;
+    let strict = m.remove("strict").is_some_and(|v| v == "true");
+    m.entry("experiment".into()).or_insert(hook.name);
+    // The same parameters as the verdict's query string, checked the same way.
+    let encoded = m
+        .iter()
+        .map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    let q: VerdictQuery = serde_urlencoded_from(&encoded)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("metadata: {e}")))?;
+    let answer = judge(s.live.clone(), q.request()).await?;
+    let status = match answer.verdict.decision {
         Decision::Fail => StatusCode::PRECONDITION_FAILED,
         Decision::Inconclusive if strict => StatusCode::PRECONDITION_FAILED,
         _ => StatusCode::OK,
     };
-    Ok((status, Json(json)).into_response())
+    Ok((status, Json(answer)).into_response())
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Decodes a query string with the same rules as axum's `Query` (serde_urlencoded).
+fn serde_urlencoded_from<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    let uri: axum::http::Uri = format!("/?{s}")
+        .parse()
+        .map_err(|e: axum::http::uri::InvalidUri| e.to_string())?;
+    Query::<T>::try_from_uri(&uri)
+        .map(|Query(v)| v)
+        .map_err(|r| r.body_text())
 }
 
 #[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DrillQuery {
     experiment: String,
     #[serde(default = "default_baseline")]
@@ -340,33 +372,51 @@ fn default_metric() -> String {
 
 async fn drill(
     State(s): State<ApiState>,
-    Query(q): Query<DrillQuery>,
+    q: Result<Query<DrillQuery>, QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    if q.metric != "latency" && q.metric != "errors" {
+    let q = query(q)?;
+    let tail = crate::stats::quantile_from_name(&q.metric).is_some();
+    if q.metric != "latency" && q.metric != "errors" && !tail {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
-            format!("metric `{}`: latency or errors", q.metric),
+            format!("metric `{}`: latency, errors or pNN (e.g. p99)", q.metric),
         ));
     }
+    let limit = bounded(q.limit, 20, 1000, "limit")?;
     let f = Filter::experiment(&q.experiment, q.since);
     let store = s.store.clone();
-    let rows = run(move || store.samples(&f)).await?;
+    let rows = run(move || store.samples(&f, Some(crate::live::DRILLDOWN_EVENTS))).await?;
     Ok(Json(crate::drilldown::drilldown(
         &rows,
         &q.baseline,
         &q.canary,
         &q.metric,
         q.endpoint.as_deref(),
-        q.limit.unwrap_or(20).min(1000),
+        limit,
     )))
+}
+
+/// A count parameter: `default` when absent, 400 outside 1..=max.
+fn bounded(v: Option<usize>, default: usize, max: usize, name: &str) -> Result<usize, ApiError> {
+    match v {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{name}={n}: must be between 1 and {max}"),
+        )),
+    }
 }
 
 async fn report(
     State(s): State<ApiState>,
-    Query(q): Query<VerdictQuery>,
+    q: Result<Query<VerdictQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let (v, rows) = judged(s.store.clone(), &q).await?;
-    let html = crate::report::render(&q.experiment, &q.baseline, &q.canary, &v, &rows);
+    let answer = judge(s.live.clone(), query(q)?.request()).await?;
+    let f = Filter::experiment(&answer.experiment, None);
+    let store = s.store.clone();
+    let rows = run(move || store.samples(&f, Some(crate::live::DRILLDOWN_EVENTS))).await?;
+    let html = crate::report::render(&answer, &rows);
     Ok((
         [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
         html,

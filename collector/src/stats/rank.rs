@@ -31,7 +31,7 @@ fn pooled_ranks(x: &[f64], y: &[f64]) -> (f64, f64) {
         .map(|&v| (v, true))
         .chain(y.iter().map(|&v| (v, false)))
         .collect();
-    all.sort_by(|a, b| a.0.total_cmp(&b.0));
+    all.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
     let (mut rank_sum_x, mut ties) = (0.0, 0.0);
     let mut i = 0;
     while i < all.len() {

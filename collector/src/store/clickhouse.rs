@@ -11,8 +11,11 @@ use std::{fmt::Write as _, time::Duration};
 
 use bakeoff_proto::v1::RequestEvent;
 
-use super::{EVENT_COLUMNS, SAMPLE_COLUMNS, SampleRow, Store, StoreError, StoredEvent, opt};
+use super::{
+    ERROR_SQL, EVENT_COLUMNS, SAMPLE_COLUMNS, SampleRow, Store, StoreError, StoredEvent, opt,
+};
 use crate::query::{Filter, GroupRow, clickhouse_quote, group_fields};
+use crate::series::CellRow;
 
 fn schema(table: &str) -> String {
     format!(
@@ -279,22 +282,70 @@ impl Store for ClickHouseStore {
         Ok(n)
     }
 
-    fn samples(&self, filter: &Filter) -> Result<Vec<SampleRow>, StoreError> {
+    fn samples(&self, filter: &Filter, limit: Option<usize>) -> Result<Vec<SampleRow>, StoreError> {
         let clause = filter.to_clickhouse_sql()?;
-        self.execute(
-            &format!(
+        // The most recent `limit`, returned oldest first.
+        let sql = match limit {
+            Some(n) => format!(
+                "SELECT * FROM (SELECT {SAMPLE_COLUMNS} FROM {} WHERE {clause} ORDER BY start_unix_ns DESC LIMIT {n}) ORDER BY start_unix_ns FORMAT JSONEachRow",
+                self.table
+            ),
+            None => format!(
                 "SELECT {SAMPLE_COLUMNS} FROM {} WHERE {clause} ORDER BY start_unix_ns FORMAT JSONEachRow",
                 self.table
             ),
-            "",
-        )?
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            serde_json::from_str(l)
-                .map_err(|e| StoreError::ClickHouse(format!("bad sample row `{l}`: {e}")))
-        })
-        .collect()
+        };
+        self.execute(&sql, "")?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l)
+                    .map_err(|e| StoreError::ClickHouse(format!("bad sample row `{l}`: {e}")))
+            })
+            .collect()
+    }
+
+    fn cells(&self, from_ns: u64, to_ns: u64) -> Result<Vec<CellRow>, StoreError> {
+        let sql = format!(
+            "SELECT experiment, cohort, method, splitByChar('?', coalesce(route, path))[1] AS ep, \
+             intDiv(start_unix_ns, 1000000000) AS second, \
+             toInt32(floor(log2(toFloat64(greatest(duration_ns, 1))) * 128)) AS bucket, \
+             count() AS requests, countIf({ERROR_SQL}) AS errors, \
+             countIf(status IS NULL) AS unanswered \
+             FROM {} WHERE start_unix_ns >= {from_ns} AND start_unix_ns < {to_ns} \
+             GROUP BY experiment, cohort, method, ep, second, bucket FORMAT JSONEachRow",
+            self.table
+        );
+        #[derive(serde::Deserialize)]
+        struct Row {
+            experiment: String,
+            cohort: String,
+            method: String,
+            ep: String,
+            second: u64,
+            bucket: i32,
+            requests: u64,
+            errors: u64,
+            unanswered: u64,
+        }
+        self.execute(&sql, "")?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let r: Row = serde_json::from_str(l)
+                    .map_err(|e| StoreError::ClickHouse(format!("bad cell row `{l}`: {e}")))?;
+                Ok(CellRow {
+                    experiment: r.experiment,
+                    cohort: r.cohort,
+                    endpoint: crate::series::endpoint(&r.method, &r.ep),
+                    second: r.second,
+                    bucket: r.bucket,
+                    requests: r.requests,
+                    errors: r.errors,
+                    unanswered: r.unanswered,
+                })
+            })
+            .collect()
     }
 }
 

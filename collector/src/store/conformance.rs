@@ -95,7 +95,7 @@ pub fn check(s: &dyn Store) {
 
     // Samples for the verdict: oldest first, route or path, status kept or null.
     let samples = s
-        .samples(&Filter::parse(&["experiment=e".into()]).unwrap())
+        .samples(&Filter::parse(&["experiment=e".into()]).unwrap(), None)
         .unwrap();
     let order: Vec<u64> = samples.iter().map(|r| r.start_unix_ns).collect();
     assert_eq!(order, [1010, 1020, 1030, 1040, 1050]);
@@ -109,6 +109,26 @@ pub fn check(s: &dyn Store) {
     let attributes: serde_json::Value =
         serde_json::from_str(samples[2].attributes.as_deref().unwrap()).unwrap();
     assert_eq!(attributes["client"], "mobile");
+    // The most recent ones only, still oldest first.
+    let recent = s
+        .samples(&Filter::parse(&["experiment=e".into()]).unwrap(), Some(2))
+        .unwrap();
+    let order: Vec<u64> = recent.iter().map(|r| r.start_unix_ns).collect();
+    assert_eq!(order, [1040, 1050]);
+
+    // The judge's cells, aggregated by the store: one row per latency bucket.
+    let cells = s.cells(0, 2_000).unwrap();
+    assert!(cells.iter().all(|c| c.second == 0 && c.experiment == "e"));
+    let canary: Vec<_> = cells.iter().filter(|c| c.cohort == "canary").collect();
+    assert_eq!(canary.len(), 3, "{cells:?}");
+    assert_eq!(canary.iter().map(|c| c.requests).sum::<u64>(), 3);
+    // A 500 and a request without a response.
+    assert_eq!(canary.iter().map(|c| c.errors).sum::<u64>(), 2);
+    assert_eq!(canary.iter().map(|c| c.unanswered).sum::<u64>(), 1);
+    let quoted = cells.iter().find(|c| c.endpoint == " /it's").unwrap();
+    assert_eq!(quoted.bucket, crate::stats::hist::bucket_of(50_000_000));
+    assert_eq!((quoted.requests, quoted.errors), (1, 0));
+    assert_eq!(s.cells(1_045, 2_000).unwrap().len(), 1);
 
     assert_eq!(s.delete_before(1_015).unwrap(), 1);
 }

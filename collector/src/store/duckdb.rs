@@ -6,8 +6,11 @@ use std::{path::Path, sync::Mutex};
 use bakeoff_proto::v1::RequestEvent;
 use duckdb::{Connection, params};
 
-use super::{EVENT_COLUMNS, SAMPLE_COLUMNS, SampleRow, Store, StoreError, StoredEvent, opt};
+use super::{
+    ERROR_SQL, EVENT_COLUMNS, SAMPLE_COLUMNS, SampleRow, Store, StoreError, StoredEvent, opt,
+};
 use crate::query::{FIELDS, Filter, GroupRow, group_fields};
+use crate::series::CellRow;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -209,10 +212,17 @@ impl Store for DuckDbStore {
         Ok(n as u64)
     }
 
-    fn samples(&self, filter: &Filter) -> Result<Vec<SampleRow>, StoreError> {
+    fn samples(&self, filter: &Filter, limit: Option<usize>) -> Result<Vec<SampleRow>, StoreError> {
         let (clause, values) = filter.to_sql()?;
-        let sql =
-            format!("SELECT {SAMPLE_COLUMNS} FROM events WHERE {clause} ORDER BY start_unix_ns");
+        // The most recent `limit`, returned oldest first.
+        let sql = match limit {
+            Some(n) => format!(
+                "SELECT * FROM (SELECT {SAMPLE_COLUMNS} FROM events WHERE {clause} ORDER BY start_unix_ns DESC LIMIT {n}) ORDER BY start_unix_ns"
+            ),
+            None => {
+                format!("SELECT {SAMPLE_COLUMNS} FROM events WHERE {clause} ORDER BY start_unix_ns")
+            }
+        };
         let conn = self.conn()?;
         let mut stmt = conn.prepare(&sql)?;
         let mut rows = stmt.query(duckdb::params_from_iter(values.iter()))?;
@@ -230,6 +240,36 @@ impl Store for DuckDbStore {
                 pod: row.get(8)?,
                 exe: row.get(9)?,
                 attributes: row.get(10)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn cells(&self, from_ns: u64, to_ns: u64) -> Result<Vec<CellRow>, StoreError> {
+        let sql = format!(
+            "SELECT experiment, cohort, method, split_part(coalesce(route, path), '?', 1) AS ep, \
+             start_unix_ns // 1000000000 AS second, \
+             CAST(floor(log2(greatest(duration_ns, 1)::DOUBLE) * 128) AS INTEGER) AS bucket, \
+             count(*), count(*) FILTER (WHERE {ERROR_SQL}), count(*) FILTER (WHERE status IS NULL) \
+             FROM events WHERE start_unix_ns >= ? AND start_unix_ns < ? \
+             GROUP BY experiment, cohort, method, ep, second, bucket"
+        );
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(&sql)?;
+        let mut rows = stmt.query(params![from_ns, to_ns])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let method: String = row.get(2)?;
+            let path: String = row.get(3)?;
+            out.push(CellRow {
+                experiment: row.get(0)?,
+                cohort: row.get(1)?,
+                endpoint: crate::series::endpoint(&method, &path),
+                second: row.get(4)?,
+                bucket: row.get(5)?,
+                requests: row.get(6)?,
+                errors: row.get(7)?,
+                unanswered: row.get(8)?,
             });
         }
         Ok(out)

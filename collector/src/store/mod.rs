@@ -8,7 +8,10 @@ pub mod duckdb;
 
 use bakeoff_proto::v1::RequestEvent;
 
-use crate::query::{Filter, GroupRow, QueryError};
+use crate::{
+    query::{Filter, GroupRow, QueryError},
+    series::CellRow,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -75,9 +78,18 @@ pub trait Store: Send + Sync + 'static {
     fn group(&self, filter: &Filter, by: &[String]) -> Result<Vec<GroupRow>, StoreError>;
     /// Deletes events that started before `unix_ns`; returns how many.
     fn delete_before(&self, unix_ns: u64) -> Result<u64, StoreError>;
-    /// What the verdict needs of each request matching `filter`, oldest first.
-    fn samples(&self, filter: &Filter) -> Result<Vec<SampleRow>, StoreError>;
+    /// What the drill-down and the report need of each request matching `filter`, oldest
+    /// first; at most the `limit` most recent.
+    fn samples(&self, filter: &Filter, limit: Option<usize>) -> Result<Vec<SampleRow>, StoreError>;
+    /// The judge's cells (`series`) of the requests that started in `[from_ns, to_ns)`, every
+    /// experiment, aggregated by the store: one row per (experiment, cohort, endpoint, second,
+    /// latency bucket).
+    fn cells(&self, from_ns: u64, to_ns: u64) -> Result<Vec<CellRow>, StoreError>;
 }
+
+/// Errors as the judge counts them (`series::Outcome`), valid SQL for both backends.
+pub(crate) const ERROR_SQL: &str =
+    "status IS NULL OR status >= 500 OR (grpc_status IS NOT NULL AND grpc_status <> 0)";
 
 /// One request as the verdict reads it.
 #[derive(Clone, Debug, PartialEq, serde::Deserialize)]

@@ -130,10 +130,11 @@ fn main() -> Result<()> {
         {
             decision = v["decision"].as_str().unwrap_or("inconclusive").to_string();
             println!(
-                "  {:>5.1}s  {:>7} requests  {:>6} comparison groups  verdict: {decision}",
+                "  {:>5.1}s  {:>7} requests sent  {:>7} judged  verdict: {decision}",
                 started.elapsed().as_secs_f64(),
                 sent.load(Ordering::Relaxed),
-                v["groups"]
+                v["requests"]["canary"].as_u64().unwrap_or(0)
+                    + v["requests"]["baseline"].as_u64().unwrap_or(0),
             );
             if decision != "inconclusive" {
                 break;

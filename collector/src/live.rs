@@ -1,0 +1,201 @@
+//! The live judge: the `series` rollup kept current from the store, and verdicts read from it.
+//! Shared by the HTTP and gRPC APIs and the configured experiments, so all of them give the same
+//! answer for the same question.
+//!
+//! A task closes each second once the clock is `lag` past its end and reads its cells from the
+//! store (`Store::cells`, aggregated by the store). On start the first read covers everything
+//! stored, which rebuilds the state after a restart; with ClickHouse it covers what every
+//! collector writing the same database stored.
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use crate::{
+    query::Filter,
+    series::{Rollup, SECOND_NS},
+    store::{Store, StoreError},
+    verdict::{Decision, JudgeConfig, JudgeConfigError, JudgeOverrides, Verdict, judge},
+};
+
+/// Most raw events read for the drill-down of failing metrics (the most recent).
+pub const DRILLDOWN_EVENTS: usize = 200_000;
+
+/// Which comparison a verdict request asks for.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VerdictRequest {
+    pub experiment: String,
+    pub baseline: String,
+    pub canary: String,
+    /// Only requests that started at or after this time (Unix ns), e.g. the rollout's start.
+    pub since_unix_ns: Option<u64>,
+    pub overrides: JudgeOverrides,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerdictError {
+    /// No such experiment or cohort: names what exists, since a typo must not look like a
+    /// rollout waiting for data.
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Config(#[from] JudgeConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct Live {
+    pub rollup: Arc<Rollup>,
+    pub store: Arc<dyn Store>,
+    /// How long after a second's end its events are still waited for.
+    pub lag: Duration,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Live {
+    pub fn new(store: Arc<dyn Store>, lag: Duration) -> Self {
+        Self {
+            rollup: Arc::new(Rollup::new()),
+            store,
+            lag,
+        }
+    }
+
+    /// Reads every second that is due to close from the store and closes it; returns how many
+    /// requests were folded in. Blocking.
+    pub fn close_due(&self) -> Result<u64, StoreError> {
+        let due = now_ns().saturating_sub(self.lag.as_nanos() as u64) / SECOND_NS;
+        let from = self.rollup.closed_before();
+        if due <= from {
+            return Ok(0);
+        }
+        let rows = self.store.cells(
+            from.saturating_mul(SECOND_NS),
+            due.saturating_mul(SECOND_NS),
+        )?;
+        self.rollup.fold_cells(&rows);
+        self.rollup.close_before(due);
+        Ok(rows.iter().map(|r| r.requests).sum())
+    }
+
+    /// Keeps the rollup current, forever.
+    pub async fn run(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let live = self.clone();
+            match tokio::task::spawn_blocking(move || live.close_due()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read the judge's cells from the store")
+                }
+                Err(e) => tracing::error!(error = %e, "the judge's reader task failed"),
+            }
+        }
+    }
+
+    /// The verdict for a request, from the rollup (no raw events are read unless a metric fails:
+    /// then the most recent `DRILLDOWN_EVENTS` for the drill-down). Blocking.
+    pub fn verdict(
+        &self,
+        base: &JudgeConfig,
+        req: &VerdictRequest,
+    ) -> Result<Verdict, VerdictError> {
+        let config = base.with(&req.overrides)?;
+        let Some(mut snapshot) = self.rollup.snapshot(&req.experiment) else {
+            return self.not_judged_yet(base, req);
+        };
+        for cohort in [&req.baseline, &req.canary] {
+            if !snapshot.cohorts.contains_key(cohort.as_str()) {
+                let known: Vec<&str> = snapshot.cohorts.keys().map(String::as_str).collect();
+                return Err(VerdictError::NotFound(format!(
+                    "experiment `{}` has no cohort `{cohort}`; its cohorts: {}",
+                    req.experiment,
+                    known.join(", ")
+                )));
+            }
+        }
+        if let Some(since) = req.since_unix_ns {
+            snapshot.from_second = since.div_ceil(SECOND_NS);
+        }
+        let mut v = judge(&snapshot, &req.baseline, &req.canary, &config);
+        if v.metrics
+            .iter()
+            .any(|m| m.decision == Decision::Fail && m.metric != "volume")
+        {
+            let rows = self.store.samples(
+                &Filter::experiment(&req.experiment, req.since_unix_ns),
+                Some(DRILLDOWN_EVENTS),
+            )?;
+            crate::verdict::attach_drilldown(&mut v, &rows, &req.baseline, &req.canary);
+        }
+        Ok(v)
+    }
+
+    /// An experiment the rollup does not know: not found (naming what exists), unless its
+    /// events are in the store and only waiting for their second to close.
+    fn not_judged_yet(
+        &self,
+        base: &JudgeConfig,
+        req: &VerdictRequest,
+    ) -> Result<Verdict, VerdictError> {
+        let stored = self.store.group(
+            &Filter::experiment(&req.experiment, None),
+            &["cohort".to_string()],
+        )?;
+        if stored.is_empty() {
+            let known: BTreeMap<String, Vec<String>> = self.rollup.known();
+            let list = if known.is_empty() {
+                "no experiment has events yet".to_string()
+            } else {
+                let items: Vec<String> = known
+                    .iter()
+                    .map(|(e, c)| format!("{e} ({})", c.join(", ")))
+                    .collect();
+                format!("experiments with events: {}", items.join("; "))
+            };
+            return Err(VerdictError::NotFound(format!(
+                "no events for experiment `{}`; {list}",
+                req.experiment
+            )));
+        }
+        let cohorts: Vec<String> = stored
+            .iter()
+            .filter_map(|g| g.key.first().cloned().flatten())
+            .collect();
+        for cohort in [&req.baseline, &req.canary] {
+            if !cohorts.contains(cohort) {
+                return Err(VerdictError::NotFound(format!(
+                    "experiment `{}` has no cohort `{cohort}`; its cohorts: {}",
+                    req.experiment,
+                    cohorts.join(", ")
+                )));
+            }
+        }
+        let config = base.with(&req.overrides)?;
+        let mut v = judge(&Default::default(), &req.baseline, &req.canary, &config);
+        v.reasons = vec![format!(
+            "events stored, waiting for their first second to close ({:?} after its end)",
+            self.lag
+        )];
+        Ok(v)
+    }
+}
+
+/// A verdict as the APIs serve it: what was compared, and the verdict.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct VerdictResponse {
+    pub experiment: String,
+    pub baseline: String,
+    pub canary: String,
+    #[serde(flatten)]
+    pub verdict: Verdict,
+}
