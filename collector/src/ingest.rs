@@ -21,7 +21,8 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    series::{Rollup, SECOND_NS},
+    live::Live,
+    series::{MAX_DURATION_NS, SECOND_NS},
     store::Store,
 };
 
@@ -37,7 +38,8 @@ pub struct IngestStats {
     pub batches_stored: AtomicU64,
     pub batches_duplicate: AtomicU64,
     pub streams_refused: AtomicU64,
-    /// Events stored after the judge had read their second (stored, not judged).
+    /// Events stored after the judge had read their second, or longer than the judge takes
+    /// (stored, not judged).
     pub events_late: AtomicU64,
     /// Latest health report per probe id.
     pub health: Mutex<HashMap<String, ProbeHealth>>,
@@ -62,17 +64,14 @@ impl Default for IngestStats {
 pub struct IngestService {
     store: Arc<dyn Store>,
     pub stats: Arc<IngestStats>,
-    /// The judge's state: which seconds it has already read (later events for them are late).
-    rollup: Arc<Rollup>,
+    /// The judge's state: which seconds it has already read (later events for them are late),
+    /// and how far each probe's events have come.
+    live: Arc<Live>,
 }
 
 impl IngestService {
-    pub fn new(store: Arc<dyn Store>, stats: Arc<IngestStats>, rollup: Arc<Rollup>) -> Self {
-        Self {
-            store,
-            stats,
-            rollup,
-        }
+    pub fn new(store: Arc<dyn Store>, stats: Arc<IngestStats>, live: Arc<Live>) -> Self {
+        Self { store, stats, live }
     }
 }
 
@@ -141,7 +140,7 @@ impl Ingest for IngestService {
         }));
         let store = self.store.clone();
         let stats = self.stats.clone();
-        let rollup = self.rollup.clone();
+        let live = self.live.clone();
         tokio::spawn(async move {
             loop {
                 let msg = match inbound.message().await {
@@ -174,12 +173,20 @@ impl Ingest for IngestService {
                                 batch.sequence,
                                 batch.events.len(),
                             );
-                            let closed = rollup.closed_before().saturating_mul(SECOND_NS);
+                            let closed = live.rollup.closed_before().saturating_mul(SECOND_NS);
                             let late = batch
                                 .events
                                 .iter()
-                                .filter(|e| e.start_unix_ns < closed)
+                                .filter(|e| {
+                                    e.start_unix_ns.saturating_add(e.duration_ns) < closed
+                                        || e.duration_ns > MAX_DURATION_NS
+                                })
                                 .count() as u64;
+                            let latest = batch
+                                .events
+                                .iter()
+                                .map(|e| e.start_unix_ns.saturating_add(e.duration_ns))
+                                .max();
                             let started = std::time::Instant::now();
                             match blocking(move || store.append(&p, seq, &batch.events)).await {
                                 Ok(()) => {
@@ -188,6 +195,9 @@ impl Ingest for IngestService {
                                     stats.batches_stored.fetch_add(1, Ordering::Relaxed);
                                     stats.events_stored.fetch_add(n as u64, Ordering::Relaxed);
                                     stats.events_late.fetch_add(late, Ordering::Relaxed);
+                                    if let Some(latest) = latest {
+                                        live.stored(&probe, latest);
+                                    }
                                 }
                                 Err(status) => {
                                     tracing::error!(

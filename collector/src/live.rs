@@ -2,15 +2,16 @@
 //! Shared by the HTTP and gRPC APIs and the configured experiments, so all of them give the same
 //! answer for the same question.
 //!
-//! A task closes each second once the clock is `lag` past its end and reads its cells from the
-//! store (`Store::cells`, aggregated by the store). On start the first read covers everything
+//! A task closes each second once the event-time watermark is `lag` past its end (the slowest
+//! probe still sending, or the wall clock) and reads its cells from the store (`Store::cells`,
+//! aggregated by the store). On start the first read covers everything
 //! stored, which rebuilds the state after a restart; with ClickHouse it covers what every
 //! collector writing the same database stored.
 
 use std::{
-    collections::BTreeMap,
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use crate::{
@@ -51,7 +52,12 @@ pub struct Live {
     pub store: Arc<dyn Store>,
     /// How long after a second's end its events are still waited for.
     pub lag: Duration,
+    /// Per probe: the latest request end it sent, and when it last sent a batch.
+    frontiers: Mutex<HashMap<String, (u64, Instant)>>,
 }
+
+/// A probe that sent nothing for this long no longer holds back closing.
+const PROBE_IDLE: Duration = Duration::from_secs(10);
 
 fn now_ns() -> u64 {
     SystemTime::now()
@@ -65,13 +71,40 @@ impl Live {
             rollup: Arc::new(Rollup::new()),
             store,
             lag,
+            frontiers: Mutex::default(),
         }
+    }
+
+    /// Records what a probe's stored batch reached (called by the ingest).
+    pub fn stored(&self, probe: &str, latest_end_ns: u64) {
+        if let Ok(mut f) = self.frontiers.lock() {
+            let e = f
+                .entry(probe.to_string())
+                .or_insert((latest_end_ns, Instant::now()));
+            e.0 = e.0.max(latest_end_ns);
+            e.1 = Instant::now();
+        }
+    }
+
+    /// The time (ns) before which seconds may close: event time, not arrival time, so a probe
+    /// replaying its spool after an outage, or a backfill, is judged instead of arriving late.
+    /// The slowest probe still sending holds it back; with none, the wall clock.
+    fn watermark(&self) -> u64 {
+        let now = now_ns();
+        let slowest = self.frontiers.lock().ok().and_then(|mut f| {
+            f.retain(|_, (_, seen)| seen.elapsed() < PROBE_IDLE);
+            f.values().map(|(start, _)| *start).min()
+        });
+        slowest
+            .unwrap_or(now)
+            .min(now)
+            .saturating_sub(self.lag.as_nanos() as u64)
     }
 
     /// Reads every second that is due to close from the store and closes it; returns how many
     /// requests were folded in. Blocking.
     pub fn close_due(&self) -> Result<u64, StoreError> {
-        let due = now_ns().saturating_sub(self.lag.as_nanos() as u64) / SECOND_NS;
+        let due = self.watermark() / SECOND_NS;
         let from = self.rollup.closed_before();
         if due <= from {
             return Ok(0);

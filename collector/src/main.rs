@@ -59,8 +59,9 @@ enum Cmd {
         /// Experiments to judge continuously (YAML: name, baseline, canaries, webhook, judge).
         #[arg(long, env = "BAKEOFF_EXPERIMENTS")]
         experiments: Option<PathBuf>,
-        /// Seconds the judge waits after a second of traffic ends before reading it (events
-        /// of that second arriving later are stored but not judged, and counted as late).
+        /// Seconds the judge waits after a second of traffic ends (in event time: the slowest
+        /// probe still sending) before reading it; events of that second arriving later are
+        /// stored but not judged, and counted as late.
         #[arg(long, env = "BAKEOFF_JUDGE_LAG", default_value_t = 2.0)]
         judge_lag: f64,
         /// Seconds between two judgements of the configured experiments.
@@ -416,7 +417,7 @@ fn serve(
         let ingest = IngestServer::new(IngestService::new(
             store.clone(),
             stats.clone(),
-            live.rollup.clone(),
+            live.clone(),
         ))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
         tracing::info!(

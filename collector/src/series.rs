@@ -1,5 +1,6 @@
 //! The judge's incremental state: per experiment, cohort and endpoint, one cell per second of
-//! request start time (requests, errors, requests without a response, a latency histogram).
+//! request *end* time (a request is reported when it ends, so a slow request arrives with its
+//! second, not long after it closed) (requests, errors, requests without a response, a latency histogram).
 //! Reading a verdict never re-scans raw events: its cost grows with seconds x endpoints, not
 //! with requests.
 //!
@@ -24,6 +25,10 @@ use std::{
 use crate::stats::hist::LogHist;
 
 pub const SECOND_NS: u64 = 1_000_000_000;
+
+/// Requests longer than this are left out of the judge (counted at ingest): a store query for
+/// the seconds that just closed only looks this far back in start time.
+pub const MAX_DURATION_NS: u64 = 300 * SECOND_NS;
 
 /// Closed cells kept in one shared chunk.
 const CHUNK: usize = 64;
@@ -205,6 +210,7 @@ impl Rollup {
         duration_ns: u64,
         outcome: Outcome,
     ) {
+        let end_ns = start_ns.saturating_add(duration_ns);
         let Some(e) = self.experiment(experiment) else {
             return;
         };
@@ -213,7 +219,7 @@ impl Rollup {
             .entry((cohort.to_string(), endpoint.to_string()))
             .or_default()
             .open
-            .entry(start_ns / SECOND_NS)
+            .entry(end_ns / SECOND_NS)
             .or_default()
             .add(duration_ns, outcome);
         self.folded.fetch_add(1, Ordering::Relaxed);

@@ -15,7 +15,7 @@ use super::{
     ERROR_SQL, EVENT_COLUMNS, SAMPLE_COLUMNS, SampleRow, Store, StoreError, StoredEvent, opt,
 };
 use crate::query::{Filter, GroupRow, clickhouse_quote, group_fields};
-use crate::series::CellRow;
+use crate::series::{CellRow, MAX_DURATION_NS};
 
 fn schema(table: &str) -> String {
     format!(
@@ -306,13 +306,16 @@ impl Store for ClickHouseStore {
     }
 
     fn cells(&self, from_ns: u64, to_ns: u64) -> Result<Vec<CellRow>, StoreError> {
+        let start_from = from_ns.saturating_sub(MAX_DURATION_NS);
         let sql = format!(
             "SELECT experiment, cohort, method, splitByChar('?', coalesce(route, path))[1] AS ep, \
-             intDiv(start_unix_ns, 1000000000) AS second, \
+             intDiv(start_unix_ns + duration_ns, 1000000000) AS second, \
              toInt32(floor(log2(toFloat64(greatest(duration_ns, 1))) * 128)) AS bucket, \
              count() AS requests, countIf({ERROR_SQL}) AS errors, \
              countIf(status IS NULL) AS unanswered \
-             FROM {} WHERE start_unix_ns >= {from_ns} AND start_unix_ns < {to_ns} \
+             FROM {} WHERE start_unix_ns >= {start_from} AND start_unix_ns < {to_ns} \
+             AND start_unix_ns + duration_ns >= {from_ns} AND start_unix_ns + duration_ns < {to_ns} \
+             AND duration_ns <= {MAX_DURATION_NS} \
              GROUP BY experiment, cohort, method, ep, second, bucket FORMAT JSONEachRow",
             self.table
         );

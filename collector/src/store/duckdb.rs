@@ -10,7 +10,7 @@ use super::{
     ERROR_SQL, EVENT_COLUMNS, SAMPLE_COLUMNS, SampleRow, Store, StoreError, StoredEvent, opt,
 };
 use crate::query::{FIELDS, Filter, GroupRow, group_fields};
-use crate::series::CellRow;
+use crate::series::{CellRow, MAX_DURATION_NS};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -248,15 +248,24 @@ impl Store for DuckDbStore {
     fn cells(&self, from_ns: u64, to_ns: u64) -> Result<Vec<CellRow>, StoreError> {
         let sql = format!(
             "SELECT experiment, cohort, method, split_part(coalesce(route, path), '?', 1) AS ep, \
-             start_unix_ns // 1000000000 AS second, \
+             (start_unix_ns + duration_ns) // 1000000000 AS second, \
              CAST(floor(log2(greatest(duration_ns, 1)::DOUBLE) * 128) AS INTEGER) AS bucket, \
              count(*), count(*) FILTER (WHERE {ERROR_SQL}), count(*) FILTER (WHERE status IS NULL) \
              FROM events WHERE start_unix_ns >= ? AND start_unix_ns < ? \
+             AND start_unix_ns + duration_ns >= ? AND start_unix_ns + duration_ns < ? \
+             AND duration_ns <= ? \
              GROUP BY experiment, cohort, method, ep, second, bucket"
         );
         let conn = self.conn()?;
         let mut stmt = conn.prepare(&sql)?;
-        let mut rows = stmt.query(params![from_ns, to_ns])?;
+        // The start bound lets DuckDB skip old row groups (zone maps on arrival-ordered data).
+        let mut rows = stmt.query(params![
+            from_ns.saturating_sub(MAX_DURATION_NS),
+            to_ns,
+            from_ns,
+            to_ns,
+            MAX_DURATION_NS
+        ])?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
             let method: String = row.get(2)?;

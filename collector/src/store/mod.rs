@@ -81,9 +81,9 @@ pub trait Store: Send + Sync + 'static {
     /// What the drill-down and the report need of each request matching `filter`, oldest
     /// first; at most the `limit` most recent.
     fn samples(&self, filter: &Filter, limit: Option<usize>) -> Result<Vec<SampleRow>, StoreError>;
-    /// The judge's cells (`series`) of the requests that started in `[from_ns, to_ns)`, every
-    /// experiment, aggregated by the store: one row per (experiment, cohort, endpoint, second,
-    /// latency bucket).
+    /// The judge's cells (`series`) of the requests that ended in `[from_ns, to_ns)` and took
+    /// at most `series::MAX_DURATION_NS`, every experiment, aggregated by the store: one row per
+    /// (experiment, cohort, endpoint, second of the end, latency bucket).
     fn cells(&self, from_ns: u64, to_ns: u64) -> Result<Vec<CellRow>, StoreError>;
 }
 

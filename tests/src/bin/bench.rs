@@ -440,8 +440,9 @@ fn synthetic_batch(seq: u64, n: usize, stream: usize) -> bakeoff_proto::v1::Inge
                 method: "GET".into(),
                 path: format!("/api/items/{}", k % 50),
                 status: Some(if k.is_multiple_of(97) { 503 } else { 200 }),
-                // Within the last hour, so the collector's retention keeps them.
-                start_unix_ns: bench_epoch() + k as u64 * 100,
+                // Spread over the last hour (a realistic number of the judge's one-second
+                // cells), in order per stream as a probe sends them.
+                start_unix_ns: bench_epoch() + k as u64 * SPACING_NS,
                 duration_ns: 1_000_000 + (k as u64 * 7919) % 5_000_000,
                 bytes_in: 120,
                 bytes_out: 2048,
@@ -461,6 +462,8 @@ fn synthetic_batch(seq: u64, n: usize, stream: usize) -> bakeoff_proto::v1::Inge
 
 const STREAMS: usize = 4;
 const BATCH: usize = 2000;
+/// Start-time spacing of one stream's events: 10M events over 4 streams span an hour.
+const SPACING_NS: u64 = 1_440_000;
 
 /// Ingest rate from concurrent probe streams, then a group-by with quantiles over everything,
 /// into DuckDB and into ClickHouse (a real server started here), side by side.
@@ -488,23 +491,38 @@ fn collector(total: u64) -> Result<()> {
          {STREAMS} concurrent probe streams, batches of {BATCH})\n"
     );
     println!(
-        "{:<12} {:>10} {:>9} {:>11} {:>15} {:>11} {:>7}",
-        "store", "events", "ingest_s", "events/s", "events/s/core", "group_by_s", "groups"
+        "{:<12} {:>10} {:>9} {:>11} {:>15} {:>11} {:>7} {:>14} {:>16} {:>12}",
+        "store",
+        "events",
+        "ingest_s",
+        "events/s",
+        "events/s/core",
+        "group_by_s",
+        "groups",
+        "verdict_read_s",
+        "during_ingest_s",
+        "judged_events"
     );
     for (name, r) in [("duckdb", duck), ("clickhouse", click)] {
         println!(
-            "{:<12} {:>10} {:>9.1} {:>11.0} {:>15.0} {:>11.2} {:>7}",
+            "{:<12} {:>10} {:>9.1} {:>11.0} {:>15.0} {:>11.2} {:>7} {:>14.3} {:>16} {:>12}",
             name,
             r.events,
             r.ingest_s,
             r.events as f64 / r.ingest_s,
             r.events as f64 / r.ingest_s / cores as f64,
             r.group_s,
-            r.groups
+            r.groups,
+            r.verdict_s,
+            format!("{:.3}/{:.3}", r.during_median_s, r.during_max_s),
+            r.judged
         );
     }
     println!(
-        "\ngroup_by_s: GET /api/v1/groups?by=cohort,path (count, errors, p50/p90/p99) over all events"
+        "\ngroup_by_s: GET /api/v1/groups?by=cohort,path (count, errors, p50/p90/p99) over all events.\n\
+         verdict_read_s: GET /api/v1/verdict once the judge covers every event (median of 5), over\n\
+         judged_events spread over an hour (50 endpoints, 10% canary); during_ingest_s: median/max\n\
+         of verdict reads every 250 ms while ingesting (ingest_s includes them)."
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -515,6 +533,18 @@ struct CollectorRun {
     ingest_s: f64,
     group_s: f64,
     groups: usize,
+    verdict_s: f64,
+    during_median_s: f64,
+    during_max_s: f64,
+    judged: u64,
+}
+
+fn median_max(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN),
+        v.last().copied().unwrap_or(f64::NAN),
+    )
 }
 
 fn collector_run(
@@ -529,6 +559,30 @@ fn collector_run(
     let events = batches_per_stream * (BATCH * STREAMS) as u64;
     let rt = tokio::runtime::Runtime::new()?;
     let started = Instant::now();
+    // Verdict reads while ingesting: how long each takes (they must not stall the ingest).
+    let ingesting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let reader = {
+        let (ingesting, url) = (
+            ingesting.clone(),
+            format!("/api/v1/verdict?experiment=bench"),
+        );
+        let port = collector.http_port;
+        std::thread::spawn(move || {
+            let mut took = Vec::new();
+            while ingesting.load(std::sync::atomic::Ordering::Relaxed) && took.len() < 100_000 {
+                let t = Instant::now();
+                // 404 until the first second closes: still a read to time.
+                let _ = ureq::get(&format!("http://127.0.0.1:{port}{url}"))
+                    .config()
+                    .http_status_as_error(false)
+                    .build()
+                    .call();
+                took.push(t.elapsed().as_secs_f64());
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            took
+        })
+    };
     rt.block_on(async {
         let mut tasks = Vec::new();
         for stream in 0..STREAMS {
@@ -572,6 +626,33 @@ fn collector_run(
         anyhow::Ok(())
     })?;
     let ingest_s = started.elapsed().as_secs_f64();
+    ingesting.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (during_median_s, during_max_s) = median_max(
+        reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader panicked"))?,
+    );
+    // The judge covers every event once the last second closed (the probes went idle: the
+    // wall clock closes the rest).
+    let mut judged = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if let Ok(v) = collector.get("/api/v1/verdict?experiment=bench") {
+            judged = v["requests"]["canary"].as_u64().unwrap_or(0)
+                + v["requests"]["baseline"].as_u64().unwrap_or(0);
+            if judged == events {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let mut reads = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        collector.get("/api/v1/verdict?experiment=bench")?;
+        reads.push(t.elapsed().as_secs_f64());
+    }
+    let (verdict_s, _) = median_max(reads);
     let t = Instant::now();
     let groups = collector.get("/api/v1/groups?by=cohort,path")?;
     let group_s = t.elapsed().as_secs_f64();
@@ -585,5 +666,9 @@ fn collector_run(
         ingest_s,
         group_s,
         groups: groups.as_array().map_or(0, Vec::len),
+        verdict_s,
+        during_median_s,
+        during_max_s,
+        judged,
     })
 }
