@@ -1,14 +1,16 @@
 //! Drill-down, in the manner of Honeycomb's BubbleUp: for a failing metric, which dimension
 //! values (endpoint, status, client address, node, pod, executable, attributes such as
-//! `user_agent`) are over-represented among the canary's bad requests compared with the
-//! baseline's requests?
+//! `user_agent`) are over-represented among the canary's bad requests compared with all of the
+//! canary's requests?
 //!
 //! A canary request is *bad* for a tail metric `pNN` when it is slower than the baseline's pNN on
 //! the same endpoint (which clients, routes or pods hold the slow tail), for `latency` when it is
 //! slower than the baseline's p90, for `errors` when it has no response or a 5xx. For each value v of each dimension:
-//! `bad_share` = share of the bad canary requests that have v, `baseline_share` = share of the
-//! baseline requests that have v; the score is their difference, so a value that explains the
-//! regression scores near 1 and a value as common in both cohorts near 0.
+//! `bad_share` = share of the bad canary requests that have v, minus the share of all canary
+//! requests that have v, is the score (BubbleUp's selection against the rest of the same data):
+//! a value that explains the regression scores high, and a value every canary request has (its
+//! pod, its executable, which differ from the baseline's by construction) scores 0.
+//! `baseline_share`, the share of baseline requests with v, is reported alongside.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -29,7 +31,7 @@ pub struct DrillRow {
     pub bad_share: f64,
     /// Share of all baseline requests that have this value.
     pub baseline_share: f64,
-    /// bad_share - baseline_share.
+    /// bad_share - the share of all canary requests with this value.
     pub score: f64,
     /// Share of this value's canary requests that are bad.
     pub canary_bad_rate: f64,
@@ -103,7 +105,8 @@ pub fn drilldown(
     let q = slow_quantile(metric);
     let mut durations: HashMap<&str, Vec<u64>> = HashMap::new();
     for (r, e) in &rows {
-        if r.cohort == baseline {
+        // Requests without a response have no latency.
+        if r.cohort == baseline && r.status.is_some() {
             durations.entry(e.as_str()).or_default().push(r.duration_ns);
         }
     }
@@ -122,11 +125,12 @@ pub fn drilldown(
         baseline: u64,
     }
     let mut counts: BTreeMap<(String, String), Counts> = BTreeMap::new();
-    let (mut bad_total, mut baseline_total) = (0u64, 0u64);
+    let (mut bad_total, mut canary_total, mut baseline_total) = (0u64, 0u64, 0u64);
     for (r, e) in &rows {
         let is_canary = r.cohort == canary;
         let is_bad = is_canary && bad(r, e);
         bad_total += u64::from(is_bad);
+        canary_total += u64::from(is_canary);
         baseline_total += u64::from(!is_canary);
         for key in dimensions(r, e) {
             if endpoint.is_some() && key.0 == "endpoint" {
@@ -153,7 +157,6 @@ pub fn drilldown(
         .filter(|(_, c)| c.canary_bad > 0)
         .map(|((dimension, value), c)| {
             let bad_share = share(c.canary_bad, bad_total);
-            let baseline_share = share(c.baseline, baseline_total);
             DrillRow {
                 dimension,
                 value,
@@ -161,13 +164,14 @@ pub fn drilldown(
                 canary: c.canary,
                 baseline: c.baseline,
                 bad_share,
-                baseline_share,
-                score: bad_share - baseline_share,
+                baseline_share: share(c.baseline, baseline_total),
+                score: bad_share - share(c.canary, canary_total),
                 canary_bad_rate: share(c.canary_bad, c.canary),
             }
         })
         .collect();
-    // A value as common among bad canary requests as among baseline requests explains nothing.
+    // A value as common among the canary's bad requests as among all its requests explains
+    // nothing: that also leaves out what only names the cohort (its pods, its executable).
     out.retain(|r| r.score > MIN_SCORE);
     out.sort_by(|a, b| {
         b.score
@@ -194,7 +198,8 @@ mod tests {
             status: Some(status),
             peer: Some("10.0.0.7:41000".into()),
             node: Some("n1".into()),
-            pod: None,
+            // Pods differ between cohorts by construction.
+            pod: Some(format!("{cohort}-7f9c")),
             exe: Some("/app".into()),
             attributes: Some(format!(r#"{{"user_agent":"{agent}"}}"#)),
         }
@@ -224,8 +229,10 @@ mod tests {
         assert_eq!(mobile.canary_bad, 100);
         assert!((mobile.bad_share - 1.0).abs() < 1e-9);
         assert!((mobile.baseline_share - 0.5).abs() < 1e-9);
-        // Values common to both cohorts explain nothing and are left out.
+        // Values common to both cohorts explain nothing and are left out, and so do values
+        // every canary request has (its pod).
         assert!(all.iter().all(|r| r.dimension != "node"), "{all:#?}");
+        assert!(all.iter().all(|r| r.dimension != "pod"), "{all:#?}");
         // On one endpoint, the endpoint dimension is left out.
         let one = drilldown(
             &rows,

@@ -16,7 +16,7 @@ use std::{
 
 use crate::{
     query::Filter,
-    series::{Rollup, SECOND_NS},
+    series::{MAX_DURATION_NS, Rollup, SECOND_NS},
     store::{Store, StoreError},
     verdict::{Decision, JudgeConfig, JudgeConfigError, JudgeOverrides, Verdict, judge},
 };
@@ -54,10 +54,16 @@ pub struct Live {
     pub lag: Duration,
     /// Per probe: the latest request end it sent, and when it last sent a batch.
     frontiers: Mutex<HashMap<String, (u64, Instant)>>,
+    /// With no probe of ours sending: the store's latest request end, and since when it is.
+    stored_frontier: Mutex<Option<(u64, Instant)>>,
+    started: Instant,
 }
 
 /// A probe that sent nothing for this long no longer holds back closing.
 const PROBE_IDLE: Duration = Duration::from_secs(10);
+/// With no probe of ours sending, the wall clock closes seconds once the store's latest request
+/// has not moved for this long (time for probes to reconnect and replay their spools).
+const STORE_IDLE: Duration = Duration::from_secs(30);
 
 fn now_ns() -> u64 {
     SystemTime::now()
@@ -72,6 +78,8 @@ impl Live {
             store,
             lag,
             frontiers: Mutex::default(),
+            stored_frontier: Mutex::default(),
+            started: Instant::now(),
         }
     }
 
@@ -88,23 +96,50 @@ impl Live {
 
     /// The time (ns) before which seconds may close: event time, not arrival time, so a probe
     /// replaying its spool after an outage, or a backfill, is judged instead of arriving late.
-    /// The slowest probe still sending holds it back; with none, the wall clock.
-    fn watermark(&self) -> u64 {
+    /// The slowest of our probes still sending holds it back. With none (a restart, or other
+    /// collectors writing the same ClickHouse): the latest request end in the store, and the wall
+    /// clock once that has not moved for `STORE_IDLE`, so the last seconds of an experiment
+    /// close too. Never past the wall clock.
+    fn watermark(&self) -> Result<u64, StoreError> {
         let now = now_ns();
         let slowest = self.frontiers.lock().ok().and_then(|mut f| {
             f.retain(|_, (_, seen)| seen.elapsed() < PROBE_IDLE);
-            f.values().map(|(start, _)| *start).min()
+            f.values().map(|(end, _)| *end).min()
         });
-        slowest
-            .unwrap_or(now)
-            .min(now)
-            .saturating_sub(self.lag.as_nanos() as u64)
+        let frontier = match slowest {
+            Some(f) => f,
+            None => {
+                let since = self
+                    .rollup
+                    .closed_before()
+                    .saturating_mul(SECOND_NS)
+                    .saturating_sub(MAX_DURATION_NS);
+                let latest = self.store.latest_end(since)?;
+                let mut seen = self
+                    .stored_frontier
+                    .lock()
+                    .map_err(|_| StoreError::Poisoned)?;
+                match (latest, *seen) {
+                    (Some(l), Some((old, _))) if l == old => {}
+                    (Some(l), _) => *seen = Some((l, Instant::now())),
+                    (None, _) => {}
+                }
+                match *seen {
+                    Some((_, since)) if since.elapsed() >= STORE_IDLE => now,
+                    Some((l, _)) => l,
+                    // Nothing stored yet: nothing to close until the store has been idle.
+                    None if self.started.elapsed() >= STORE_IDLE => now,
+                    None => 0,
+                }
+            }
+        };
+        Ok(frontier.min(now).saturating_sub(self.lag.as_nanos() as u64))
     }
 
     /// Reads every second that is due to close from the store and closes it; returns how many
     /// requests were folded in. Blocking.
     pub fn close_due(&self) -> Result<u64, StoreError> {
-        let due = self.watermark() / SECOND_NS;
+        let due = self.watermark()? / SECOND_NS;
         let from = self.rollup.closed_before();
         if due <= from {
             return Ok(0);
@@ -146,15 +181,12 @@ impl Live {
         let Some(mut snapshot) = self.rollup.snapshot(&req.experiment) else {
             return self.not_judged_yet(base, req);
         };
-        for cohort in [&req.baseline, &req.canary] {
-            if !snapshot.cohorts.contains_key(cohort.as_str()) {
-                let known: Vec<&str> = snapshot.cohorts.keys().map(String::as_str).collect();
-                return Err(VerdictError::NotFound(format!(
-                    "experiment `{}` has no cohort `{cohort}`; its cohorts: {}",
-                    req.experiment,
-                    known.join(", ")
-                )));
-            }
+        if [&req.baseline, &req.canary]
+            .iter()
+            .any(|c| !snapshot.cohorts.contains_key(c.as_str()))
+        {
+            // Not judged yet, or not there at all: the store tells which.
+            return self.not_judged_yet(base, req);
         }
         if let Some(since) = req.since_unix_ns {
             snapshot.from_second = since.div_ceil(SECOND_NS);
@@ -200,10 +232,11 @@ impl Live {
                 req.experiment
             )));
         }
-        let cohorts: Vec<String> = stored
+        let mut cohorts: Vec<String> = stored
             .iter()
             .filter_map(|g| g.key.first().cloned().flatten())
             .collect();
+        cohorts.sort();
         for cohort in [&req.baseline, &req.canary] {
             if !cohorts.contains(cohort) {
                 return Err(VerdictError::NotFound(format!(

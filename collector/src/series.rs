@@ -45,11 +45,16 @@ pub struct Cell {
 }
 
 impl Cell {
+    /// A request without a response has no latency (its duration is when the connection
+    /// closed, often 0): it counts as an error only, so failing fast never looks fast.
     pub fn add(&mut self, duration_ns: u64, outcome: Outcome) {
         self.requests += 1;
         self.errors += u64::from(outcome != Outcome::Ok);
-        self.unanswered += u64::from(outcome == Outcome::Unanswered);
-        self.latency.record(duration_ns);
+        if outcome == Outcome::Unanswered {
+            self.unanswered += 1;
+        } else {
+            self.latency.record(duration_ns);
+        }
     }
 
     pub fn merge(&mut self, other: &Cell) {
@@ -242,7 +247,9 @@ impl Rollup {
             cell.requests += r.requests;
             cell.errors += r.errors;
             cell.unanswered += r.unanswered;
-            cell.latency.add_bucket(r.bucket, r.requests);
+            // The store puts unanswered requests in a bucket of their own (`NO_LATENCY`).
+            cell.latency
+                .add_bucket(r.bucket, r.requests.saturating_sub(r.unanswered));
             self.folded.fetch_add(r.requests, Ordering::Relaxed);
         }
     }
@@ -298,6 +305,9 @@ impl Rollup {
             .collect()
     }
 }
+
+/// The bucket the store gives requests without a response (they have no latency).
+pub const NO_LATENCY: i32 = i32::MIN;
 
 /// One row of a rebuild from the store: requests of one latency bucket in one cell.
 #[derive(Clone, Debug, PartialEq)]

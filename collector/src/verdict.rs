@@ -498,14 +498,16 @@ impl Scope {
             && cc.requests > 0
             && bc.requests > 0
         {
-            let k = cc.requests.min(bc.requests) as f64;
-            let lo =
-                LogHist::share_slower(&cc.latency, &bc.latency, c.latency_tolerance, Side::Lower);
-            let hi =
-                LogHist::share_slower(&cc.latency, &bc.latency, c.latency_tolerance, Side::Upper);
-            self.second_location.0 += k * lo;
-            self.second_location.1 += k * hi;
-            self.second_location.2 += k;
+            // Pairs of answered requests only (no latency without a response).
+            let k = cc.latency.total().min(bc.latency.total()) as f64;
+            if k > 0.0 {
+                let tau = c.latency_tolerance;
+                let lo = LogHist::share_slower(&cc.latency, &bc.latency, tau, Side::Lower);
+                let hi = LogHist::share_slower(&cc.latency, &bc.latency, tau, Side::Upper);
+                self.second_location.0 += k * lo;
+                self.second_location.1 += k * hi;
+                self.second_location.2 += k;
+            }
             // Errors, conditioned on this second's split of this endpoint's traffic; the
             // alternative comes from earlier seconds only.
             let rho = cc.requests as f64 / (cc.requests + bc.requests) as f64;

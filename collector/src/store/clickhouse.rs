@@ -15,7 +15,7 @@ use super::{
     ERROR_SQL, EVENT_COLUMNS, SAMPLE_COLUMNS, SampleRow, Store, StoreError, StoredEvent, opt,
 };
 use crate::query::{Filter, GroupRow, clickhouse_quote, group_fields};
-use crate::series::{CellRow, MAX_DURATION_NS};
+use crate::series::{CellRow, MAX_DURATION_NS, NO_LATENCY};
 
 fn schema(table: &str) -> String {
     format!(
@@ -305,12 +305,25 @@ impl Store for ClickHouseStore {
             .collect()
     }
 
+    fn latest_end(&self, since_ns: u64) -> Result<Option<u64>, StoreError> {
+        // count() tells an empty range from a max of 0.
+        let rows = self.json_rows(&format!(
+            "SELECT count() AS n, max(start_unix_ns + duration_ns) AS latest FROM {} \
+             WHERE start_unix_ns >= {since_ns}",
+            self.table
+        ))?;
+        let row = rows.first();
+        let n = row.and_then(|r| r["n"].as_u64()).unwrap_or(0);
+        Ok(row.and_then(|r| r["latest"].as_u64()).filter(|_| n > 0))
+    }
+
     fn cells(&self, from_ns: u64, to_ns: u64) -> Result<Vec<CellRow>, StoreError> {
         let start_from = from_ns.saturating_sub(MAX_DURATION_NS);
         let sql = format!(
             "SELECT experiment, cohort, method, splitByChar('?', coalesce(route, path))[1] AS ep, \
              intDiv(start_unix_ns + duration_ns, 1000000000) AS second, \
-             toInt32(floor(log2(toFloat64(greatest(duration_ns, 1))) * 128)) AS bucket, \
+             if(status IS NULL, toInt32({NO_LATENCY}), \
+                toInt32(floor(log2(toFloat64(greatest(duration_ns, 1))) * 128))) AS bucket, \
              count() AS requests, countIf({ERROR_SQL}) AS errors, \
              countIf(status IS NULL) AS unanswered \
              FROM {} WHERE start_unix_ns >= {start_from} AND start_unix_ns < {to_ns} \

@@ -126,10 +126,19 @@ pub fn check(s: &dyn Store) {
     // A 500 and a request without a response.
     assert_eq!(canary.iter().map(|c| c.errors).sum::<u64>(), 2);
     assert_eq!(canary.iter().map(|c| c.unanswered).sum::<u64>(), 1);
+    // The request without a response has no latency: a bucket of its own.
+    let unanswered = canary.iter().find(|c| c.unanswered == 1).unwrap();
+    assert_eq!(
+        (unanswered.bucket, unanswered.requests),
+        (crate::series::NO_LATENCY, 1)
+    );
     let quoted = cells.iter().find(|c| c.endpoint == " /it's").unwrap();
     assert_eq!(quoted.bucket, crate::stats::hist::bucket_of(50_000_000));
     assert_eq!((quoted.requests, quoted.errors), (1, 0));
     assert_eq!(s.cells(45_000_000, 1_000_000_000).unwrap().len(), 1);
+    // The 50 ms request started at 1050 ns.
+    assert_eq!(s.latest_end(0).unwrap(), Some(50_001_050));
+    assert_eq!(s.latest_end(2_000).unwrap(), None);
 
     assert_eq!(s.delete_before(1_015).unwrap(), 1);
 }

@@ -10,7 +10,7 @@ use super::{
     ERROR_SQL, EVENT_COLUMNS, SAMPLE_COLUMNS, SampleRow, Store, StoreError, StoredEvent, opt,
 };
 use crate::query::{FIELDS, Filter, GroupRow, group_fields};
-use crate::series::{CellRow, MAX_DURATION_NS};
+use crate::series::{CellRow, MAX_DURATION_NS, NO_LATENCY};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -245,11 +245,24 @@ impl Store for DuckDbStore {
         Ok(out)
     }
 
+    fn latest_end(&self, since_ns: u64) -> Result<Option<u64>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT max(start_unix_ns + duration_ns) FROM events WHERE start_unix_ns >= ?",
+        )?;
+        let mut rows = stmt.query(params![since_ns])?;
+        Ok(match rows.next()? {
+            Some(row) => row.get(0)?,
+            None => None,
+        })
+    }
+
     fn cells(&self, from_ns: u64, to_ns: u64) -> Result<Vec<CellRow>, StoreError> {
         let sql = format!(
             "SELECT experiment, cohort, method, split_part(coalesce(route, path), '?', 1) AS ep, \
              (start_unix_ns + duration_ns) // 1000000000 AS second, \
-             CAST(floor(log2(greatest(duration_ns, 1)::DOUBLE) * 128) AS INTEGER) AS bucket, \
+             CASE WHEN status IS NULL THEN {NO_LATENCY} \
+             ELSE CAST(floor(log2(greatest(duration_ns, 1)::DOUBLE) * 128) AS INTEGER) END AS bucket, \
              count(*), count(*) FILTER (WHERE {ERROR_SQL}), count(*) FILTER (WHERE status IS NULL) \
              FROM events WHERE start_unix_ns >= ? AND start_unix_ns < ? \
              AND start_unix_ns + duration_ns >= ? AND start_unix_ns + duration_ns < ? \

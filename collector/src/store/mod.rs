@@ -85,6 +85,9 @@ pub trait Store: Send + Sync + 'static {
     /// at most `series::MAX_DURATION_NS`, every experiment, aggregated by the store: one row per
     /// (experiment, cohort, endpoint, second of the end, latency bucket).
     fn cells(&self, from_ns: u64, to_ns: u64) -> Result<Vec<CellRow>, StoreError>;
+    /// The latest request end stored among requests that started at or after `since_ns`
+    /// (what every collector writing this store has received so far).
+    fn latest_end(&self, since_ns: u64) -> Result<Option<u64>, StoreError>;
 }
 
 /// Errors as the judge counts them (`series::Outcome`), valid SQL for both backends.
