@@ -127,7 +127,11 @@ impl Conn {
         let mut chunk = [0u8; 16384];
         let n = self.stream.read(&mut chunk)?;
         if n == 0 {
-            bail!("connection closed mid-response");
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed mid-response",
+            )
+            .into());
         }
         self.buf.extend_from_slice(&chunk[..n]);
         Ok(())
@@ -203,5 +207,55 @@ impl Conn {
             bytes,
             body_len,
         })
+    }
+}
+
+/// A keep-alive connection that survives the server resetting or closing it: the request that
+/// got no response is counted (not retried), and the next request opens a new connection.
+pub struct Reconnecting {
+    port: u16,
+    conn: Option<Conn>,
+    /// Requests answered with a TCP reset (`ECONNRESET`).
+    pub resets: u64,
+    /// Requests whose connection was closed (EOF) before the response.
+    pub closed: u64,
+    /// Connections opened.
+    pub connects: u64,
+}
+
+impl Reconnecting {
+    pub fn connect(port: u16) -> Result<Self> {
+        Ok(Self {
+            port,
+            conn: Some(Conn::connect(port)?),
+            resets: 0,
+            closed: 0,
+            connects: 1,
+        })
+    }
+
+    /// Sends one request: `Ok(None)` when the connection was reset or closed before the
+    /// response; any other failure is an error.
+    pub fn request(&mut self, req: &Request) -> Result<Option<Response>> {
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => {
+                self.connects += 1;
+                self.conn.insert(Conn::connect(self.port)?)
+            }
+        };
+        match conn.request(req) {
+            Ok(r) => Ok(Some(r)),
+            Err(e) => {
+                let kind = e.downcast_ref::<std::io::Error>().map(std::io::Error::kind);
+                match kind {
+                    Some(std::io::ErrorKind::ConnectionReset) => self.resets += 1,
+                    Some(std::io::ErrorKind::UnexpectedEof) => self.closed += 1,
+                    _ => return Err(e.context(format!("request {} failed", req.request_id))),
+                }
+                self.conn = None;
+                Ok(None)
+            }
+        }
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Routes: `/bytes/N` (N-byte body, Content-Length), `/chunked/N/C` (N bytes in C-byte chunks),
 //! `/status/CODE`, `POST /echo` (reads a Content-Length or chunked body, answers its size),
-//! anything else `ok`.
+//! anything else `ok`. `--reset-every N` answers every Nth request with a TCP reset instead.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -33,6 +33,10 @@ struct Args {
     /// Answer every Nth request with 500 (0: never).
     #[arg(long, default_value_t = 0)]
     error_every: u64,
+    /// Reset the connection on every Nth request (0: never): the request is read, then the
+    /// socket is closed with SO_LINGER 0, so the client gets an RST and no response.
+    #[arg(long, default_value_t = 0)]
+    reset_every: u64,
 }
 
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
@@ -110,6 +114,10 @@ fn serve(stream: TcpStream, args: &Args) -> Result<()> {
         if delay > 0 {
             std::thread::sleep(Duration::from_millis(delay));
         }
+        if args.reset_every > 0 && n.is_multiple_of(args.reset_every) {
+            reset(&stream)?;
+            return Ok(());
+        }
         if args.error_every > 0 && n.is_multiple_of(args.error_every) {
             respond(writer, 500, b"injected error\n")?;
             continue;
@@ -148,6 +156,30 @@ fn serve(stream: TcpStream, args: &Args) -> Result<()> {
             _ => respond(writer, 200, b"ok\n")?,
         }
     }
+}
+
+/// SO_LINGER with a zero timeout: the close that follows (when the caller drops the stream)
+/// sends an RST instead of a FIN.
+fn reset(stream: &TcpStream) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket we own, with a correctly sized `linger`.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!("SO_LINGER: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn respond(mut w: &TcpStream, status: u16, body: &[u8]) -> Result<()> {
