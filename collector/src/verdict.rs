@@ -203,7 +203,7 @@ impl JudgeConfig {
             return Err(JudgeConfigError::Split(s));
         }
         for q in &self.quantiles {
-            if !(q.quantile > 0.0 && q.quantile < 1.0) || !(0.0..10.0).contains(&q.tolerance) {
+            if !(q.quantile > 0.0 && q.quantile < 1.0 && (0.0..10.0).contains(&q.tolerance)) {
                 return Err(JudgeConfigError::Quantiles(format!(
                     "{}={}",
                     q.quantile, q.tolerance
@@ -1127,20 +1127,22 @@ pub fn judge_rows(
     canary: &str,
     config: &JudgeConfig,
 ) -> Verdict {
-    let snapshot = Snapshot::from_requests(rows.iter().filter_map(|r| {
-        (r.cohort == baseline || r.cohort == canary).then(|| {
-            (
-                r.cohort.as_str(),
-                endpoint(&r.method, &r.path),
-                r.start_unix_ns,
-                r.duration_ns,
-                Outcome::of(
-                    r.status.map(|s| s.clamp(0, i64::from(u32::MAX)) as u32),
-                    None,
-                ),
-            )
-        })
-    }));
+    let snapshot = Snapshot::from_requests(
+        rows.iter()
+            .filter(|r| r.cohort == baseline || r.cohort == canary)
+            .map(|r| {
+                (
+                    r.cohort.as_str(),
+                    endpoint(&r.method, &r.path),
+                    r.start_unix_ns,
+                    r.duration_ns,
+                    Outcome::of(
+                        r.status.map(|s| s.clamp(0, i64::from(u32::MAX)) as u32),
+                        None,
+                    ),
+                )
+            }),
+    );
     let mut v = judge(&snapshot, baseline, canary, config);
     attach_drilldown(&mut v, rows, baseline, canary);
     v

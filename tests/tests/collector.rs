@@ -591,3 +591,129 @@ fn the_duckdb_file_opens_intact_after_kills_while_writing() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// One probe's events of one cohort, sent to a collector: `n` requests that ended in the last
+/// seconds, `slow` times the baseline's latency.
+fn ingest_cohort(endpoint: String, probe: &str, cohort: &str, n: usize, slow: f64) -> Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64;
+    let events: Vec<RequestEvent> = (0..n)
+        .map(|i| {
+            // Deterministic spread of durations around 10 ms (4 to 16 ms).
+            let ms = 4.0 + 12.0 * ((i * 7919) % 1000) as f64 / 1000.0;
+            let duration_ns = (ms * slow * 1e6) as u64;
+            RequestEvent {
+                experiment: "shared".into(),
+                cohort: cohort.into(),
+                method: "GET".into(),
+                path: ["/a", "/b"][i % 2].into(),
+                status: Some(200),
+                // Spread over the 4 seconds before now, ending then.
+                start_unix_ns: now - 4_000_000_000 + (i as u64 * 4_000_000_000 / n as u64)
+                    - duration_ns,
+                duration_ns,
+                ..RequestEvent::default()
+            }
+        })
+        .collect();
+    let rt = tokio::runtime::Runtime::new()?;
+    let probe = probe.to_string();
+    rt.block_on(async move {
+        let mut client = IngestClient::connect(endpoint).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tx.send(hello(&probe, bakeoff_proto::PROTOCOL_VERSION))
+            .await?;
+        let mut acks = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let batches: Vec<Vec<RequestEvent>> = events.chunks(500).map(<[_]>::to_vec).collect();
+        let last = batches.len() as u64;
+        for (i, events) in batches.into_iter().enumerate() {
+            tx.send(IngestRequest {
+                message: Some(Message::Batch(EventBatch {
+                    sequence: i as u64 + 1,
+                    events,
+                })),
+            })
+            .await?;
+        }
+        while let Some(ack) = acks.message().await? {
+            if ack.stored_sequence == last {
+                return anyhow::Ok(());
+            }
+        }
+        anyhow::bail!("the stream ended before batch {last} was acknowledged")
+    })
+}
+
+/// Two collectors write one ClickHouse; one receives only the baseline's events, the other only
+/// the canary's (the worst case: neither could judge alone). The verdict read from either covers
+/// every event of both, and both say the same.
+#[test]
+fn two_collectors_on_one_clickhouse_judge_every_event() -> Result<()> {
+    let dir = scratch_dir("coll-shared-ch")?;
+    let server = ClickHouse::start(&dir)?;
+    let args = [
+        "--clickhouse".to_string(),
+        server.url(),
+        "--judge-lag".into(),
+        "1".into(),
+    ];
+    let (da, db) = (dir.join("a"), dir.join("b"));
+    std::fs::create_dir_all(&da)?;
+    std::fs::create_dir_all(&db)?;
+    let a = Collector::start_with(&da, free_port(), free_port(), &args)?;
+    let b = Collector::start_with(&db, free_port(), free_port(), &args)?;
+    let n = 3000;
+    let (ea, eb) = (a.endpoint(), b.endpoint());
+    let baseline = std::thread::spawn(move || ingest_cohort(ea, "probe-a", "baseline", n, 1.0));
+    let canary = std::thread::spawn(move || ingest_cohort(eb, "probe-b", "canary", n, 2.0));
+    baseline
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    canary
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    let path = "/api/v1/verdict?experiment=shared";
+    let mut verdicts = Vec::new();
+    for c in [&a, &b] {
+        // Each collector closes a second once its probes moved past it, or once the store's
+        // latest request has not moved for a while: bounded wait.
+        wait_for(
+            "the verdict to cover both collectors' events",
+            Duration::from_secs(90),
+            || {
+                c.get(path).is_ok_and(|v| {
+                    v["requests"]["canary"].as_u64() == Some(n as u64)
+                        && v["requests"]["baseline"].as_u64() == Some(n as u64)
+                })
+            },
+        )?;
+        verdicts.push(c.get(path)?);
+    }
+    let summary = |v: &serde_json::Value| -> Vec<(String, String)> {
+        v["metrics"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .map(|m| (m["metric"].to_string(), m["decision"].to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    ensure!(
+        verdicts[0]["decision"] == "fail" && verdicts[1]["decision"] == "fail",
+        "a canary twice as slow: {:#}",
+        verdicts[0]
+    );
+    ensure!(
+        summary(&verdicts[0]) == summary(&verdicts[1]),
+        "the collectors disagree: {:?} vs {:?}",
+        summary(&verdicts[0]),
+        summary(&verdicts[1])
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -564,7 +564,7 @@ fn collector_run(
     let reader = {
         let (ingesting, url) = (
             ingesting.clone(),
-            format!("/api/v1/verdict?experiment=bench"),
+            "/api/v1/verdict?experiment=bench".to_string(),
         );
         let port = collector.http_port;
         std::thread::spawn(move || {
