@@ -29,6 +29,9 @@ pub struct DrillRow {
     pub baseline: u64,
     /// Share of all bad canary requests that have this value.
     pub bad_share: f64,
+    /// Share of all canary requests that have this value (what `bad_share` is compared with).
+    #[serde(default)]
+    pub canary_share: f64,
     /// Share of all baseline requests that have this value.
     pub baseline_share: f64,
     /// bad_share - the share of all canary requests with this value.
@@ -157,6 +160,7 @@ pub fn drilldown(
         .filter(|(_, c)| c.canary_bad > 0)
         .map(|((dimension, value), c)| {
             let bad_share = share(c.canary_bad, bad_total);
+            let canary_share = share(c.canary, canary_total);
             DrillRow {
                 dimension,
                 value,
@@ -164,8 +168,9 @@ pub fn drilldown(
                 canary: c.canary,
                 baseline: c.baseline,
                 bad_share,
+                canary_share,
                 baseline_share: share(c.baseline, baseline_total),
-                score: bad_share - share(c.canary, canary_total),
+                score: bad_share - canary_share,
                 canary_bad_rate: share(c.canary_bad, c.canary),
             }
         })

@@ -247,7 +247,7 @@ struct JudgeArgs {
     /// Location tolerance (0.05: a canary request up to 5% slower than a baseline one is fine).
     #[arg(long)]
     latency_tolerance: Option<f64>,
-    /// Tail quantiles and their tolerances, e.g. `p90=0.1,p99=0.2,p999=0.5`.
+    /// Tail quantiles and their tolerances, e.g. `p90=0.1,p99=0.25,p999=0.5`.
     #[arg(long)]
     quantiles: Option<String>,
     /// Errors: harm is a canary error rate above (1 + this) x the baseline's.
@@ -753,29 +753,31 @@ fn verdict_table(r: &VerdictResponse) -> String {
             continue;
         }
         out += &format!(
-            "\nwhere {} {} fails, the canary's bad requests are mostly:\n{:<14} {:<36} {:>8} {:>10} {:>15} {:>6}\n",
+            "\nwhere {} {} fails, the canary's bad requests are mostly:\n{:<14} {:<36} {:>8} {:>10} {:>13} {:>15} {:>6}\n",
             m.metric,
             m.endpoint,
             "dimension",
             "value",
             "bad",
             "bad_share",
+            "canary_share",
             "baseline_share",
             "score"
         );
         for d in &m.drilldown {
             out += &format!(
-                "{:<14} {:<36} {:>8} {:>9.1}% {:>14.1}% {:>6.2}\n",
+                "{:<14} {:<36} {:>8} {:>9.1}% {:>12.1}% {:>14.1}% {:>6.2}\n",
                 fit(&d.dimension, 14),
                 fit(&d.value, 36),
                 d.canary_bad,
                 100.0 * d.bad_share,
+                100.0 * d.canary_share,
                 100.0 * d.baseline_share,
                 d.score,
             );
         }
     }
-    out += "(latency: p50 ms, bounds on nothing; pNN: ms, bounds on canary/baseline; errors: rate, bounds on the canary's; volume: canary share vs expected)\n";
+    out += "(latency: p50 ms, e-values of the pairwise test; pNN: ms, bounds on canary/baseline; errors: rate, bounds on the canary's rate; volume: canary share, expected share, lowest tolerated; (too few): fewer than min_requests per cohort, not required to pass)\n";
     out
 }
 

@@ -642,7 +642,8 @@ fn drilldown_tables(metrics: &[MetricVerdict]) -> Markup {
                 table.drilldown data-metric=(m.metric) data-endpoint=(m.endpoint) {
                     tr {
                         th.l { "dimension" } th.l { "value" } th { "bad canary requests" }
-                        th { "share of bad" } th { "share of baseline" } th { "score" }
+                        th { "share of bad" } th { "share of all canary" }
+                        th { "share of baseline" } th { "score" }
                         th { "bad rate of value" }
                     }
                     @for r in &m.drilldown {
@@ -652,6 +653,7 @@ fn drilldown_tables(metrics: &[MetricVerdict]) -> Markup {
                             td.l { (r.value) }
                             td { (r.canary_bad) }
                             td { (format!("{:.1}%", 100.0 * r.bad_share)) }
+                            td { (format!("{:.1}%", 100.0 * r.canary_share)) }
                             td { (format!("{:.1}%", 100.0 * r.baseline_share)) }
                             td { (format!("{:.2}", r.score)) }
                             td { (format!("{:.1}%", 100.0 * r.canary_bad_rate)) }

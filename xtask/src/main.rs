@@ -29,7 +29,7 @@ enum Cmd {
     /// A baseline and a canary service under load, watched by the probe.
     Demo {
         /// Longest load in seconds (the load stops once the verdict is decided).
-        #[arg(long, default_value_t = 120)]
+        #[arg(long, default_value_t = 180)]
         seconds: u64,
         /// An identical canary: the demo ends with PASS instead of FAIL.
         #[arg(long)]

@@ -72,6 +72,7 @@ pub fn verdict_to_proto(v: &Verdict) -> VerdictReply {
                         canary_bad: r.canary_bad,
                         bad_share: r.bad_share,
                         baseline_share: r.baseline_share,
+                        canary_share: r.canary_share,
                         score: r.score,
                     })
                     .collect(),

@@ -31,7 +31,7 @@ const DESKTOP: &str = "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0";
 #[derive(Parser)]
 struct Args {
     /// Longest load, in seconds; the load stops as soon as the verdict is decided.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 180)]
     seconds: u64,
     /// An identical canary (the demo should end with PASS).
     #[arg(long)]
