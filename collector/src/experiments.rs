@@ -232,6 +232,14 @@ mod tests {
         assert_eq!(e.canaries, ["canary", "canary-eu"]);
         assert_eq!(e.judge.alpha, 0.01);
         assert_eq!(e.judge.min_requests, JudgeConfig::default().min_requests);
+        let f = load(
+            "experiments:\n  - name: c\n    canaries: [canary]\n    judge:\n      split: 0.1\n      quantiles: [{ quantile: 0.999, tolerance: 0.5 }]\n",
+        )
+        .unwrap();
+        let j = &f.experiments[0].judge;
+        assert_eq!(j.split, Some(0.1));
+        assert_eq!(j.quantiles.len(), 1);
+        assert_eq!(j.quantiles[0].name(), "p999");
         for (bad, needle) in [
             (
                 "experiments:\n  - name: x\n    canaries: []\n",
@@ -248,6 +256,14 @@ mod tests {
             (
                 "experiments:\n  - name: x\n    canaries: [c]\n    webhook: ftp://x\n",
                 "webhook",
+            ),
+            (
+                "experiments:\n  - name: x\n    canaries: [c]\n    judge: { split: 1.5 }\n",
+                "split",
+            ),
+            (
+                "experiments:\n  - name: x\n    canaries: [c]\n    judge: { quantiles: [{ quantile: 2, tolerance: 0.1 }] }\n",
+                "quantiles",
             ),
             (
                 "experiments:\n  - name: x\n    canary: [c]\n",

@@ -93,6 +93,9 @@ enum Cmd {
         /// Print the verdict as JSON.
         #[arg(long)]
         json: bool,
+        /// Show every metric, also endpoints with too few requests to be judged yet.
+        #[arg(long)]
+        all: bool,
     },
     /// Write the experiment's HTML report (one self-contained file) from the collector.
     Report {
@@ -201,6 +204,7 @@ fn main() {
             watch,
             timeout,
             json,
+            all,
         } => {
             let mut query = vec![
                 ("experiment", experiment),
@@ -208,7 +212,7 @@ fn main() {
                 ("canary", canary),
             ];
             query.extend(judge.query());
-            match verdict(&api, &query, watch, timeout, json) {
+            match verdict(&api, &query, watch, timeout, json, all) {
                 Ok(code) => std::process::exit(code),
                 Err(e) => {
                     eprintln!("bakeoff: error: {e:#}");
@@ -579,6 +583,7 @@ fn verdict(
     watch: Option<f64>,
     timeout: f64,
     json: bool,
+    all: bool,
 ) -> Result<i32> {
     let url = format!("{}/api/v1/verdict", api.trim_end_matches('/'));
     let deadline = std::time::Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
@@ -591,7 +596,7 @@ fn verdict(
         if json {
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
-            print!("{}", verdict_table(&v));
+            print!("{}", verdict_table(&v, all));
         }
         let code = match v.verdict.decision {
             Decision::Pass => 0,
@@ -679,7 +684,7 @@ fn bounds(m: &MetricVerdict) -> String {
 }
 
 /// The verdict for a terminal: the decision and why, then one line per judged metric.
-fn verdict_table(r: &VerdictResponse) -> String {
+fn verdict_table(r: &VerdictResponse, all: bool) -> String {
     let v = &r.verdict;
     let decision = match v.decision {
         Decision::Pass => "PASS",
@@ -722,7 +727,9 @@ fn verdict_table(r: &VerdictResponse) -> String {
         "e_harm",
         "e_safe"
     );
-    for m in &v.metrics {
+    let shown =
+        |m: &&MetricVerdict| all || m.endpoint == "*" || m.required || m.decision == Decision::Fail;
+    for m in v.metrics.iter().filter(shown) {
         let limit = if m.metric == "volume" {
             format!("{:.1}%", 100.0 * m.limit)
         } else {
@@ -746,6 +753,12 @@ fn verdict_table(r: &VerdictResponse) -> String {
             bounds(m),
             e_value(m.e_value_harm),
             e_value(m.e_value_safe),
+        );
+    }
+    let hidden = v.metrics.iter().filter(|m| !shown(m)).count();
+    if hidden > 0 {
+        out += &format!(
+            "({hidden} more metrics of endpoints with fewer than the requests needed to judge them: --all)\n"
         );
     }
     for m in &v.metrics {
