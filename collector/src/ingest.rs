@@ -217,6 +217,10 @@ impl Ingest for IngestService {
                         }));
                     }
                     Some(Message::Health(h)) => {
+                        // Nothing queued: everything that ended before about now was sent.
+                        if h.queued_batches == 0 && h.spool_bytes == 0 {
+                            live.drained(&probe);
+                        }
                         if let Ok(mut m) = stats.health.lock() {
                             m.insert(probe.clone(), h);
                         }

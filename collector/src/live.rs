@@ -59,11 +59,16 @@ pub struct Live {
     started: Instant,
 }
 
-/// A probe that sent nothing for this long no longer holds back closing.
-const PROBE_IDLE: Duration = Duration::from_secs(10);
+/// A probe that sent nothing (batch or health report; health comes every 2 s) for this long no
+/// longer holds back closing.
+const PROBE_IDLE: Duration = Duration::from_secs(5);
 /// With no probe of ours sending, the wall clock closes seconds once the store's latest request
-/// has not moved for this long (time for probes to reconnect and replay their spools).
-const STORE_IDLE: Duration = Duration::from_secs(30);
+/// has not moved for this long (time for probes to reconnect after a restart and replay their
+/// spools; their backoff is at most 10 s).
+const STORE_IDLE: Duration = Duration::from_secs(15);
+/// How far behind its report a drained probe's requests may still be (its batches flush every
+/// 200 ms at most).
+const DRAINED_SLACK_NS: u64 = 1_000_000_000;
 
 fn now_ns() -> u64 {
     SystemTime::now()
@@ -94,6 +99,18 @@ impl Live {
         }
     }
 
+    /// A probe reported nothing queued: it has sent every request that ended before about now.
+    pub fn drained(&self, probe: &str) {
+        let frontier = now_ns().saturating_sub(DRAINED_SLACK_NS);
+        if let Ok(mut f) = self.frontiers.lock() {
+            let e = f
+                .entry(probe.to_string())
+                .or_insert((frontier, Instant::now()));
+            e.0 = e.0.max(frontier);
+            e.1 = Instant::now();
+        }
+    }
+
     /// The time (ns) before which seconds may close: event time, not arrival time, so a probe
     /// replaying its spool after an outage, or a backfill, is judged instead of arriving late.
     /// The slowest of our probes still sending holds it back. With none (a restart, or other
@@ -107,7 +124,13 @@ impl Live {
             f.values().map(|(end, _)| *end).min()
         });
         let frontier = match slowest {
-            Some(f) => f,
+            Some(f) => {
+                // The store's idleness is measured afresh next time no probe sends.
+                if let Ok(mut seen) = self.stored_frontier.lock() {
+                    *seen = None;
+                }
+                f
+            }
             None => {
                 let since = self
                     .rollup
