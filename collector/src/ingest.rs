@@ -1,6 +1,9 @@
 //! `bakeoff.v1.Ingest`: many probes at once, one stream each. Every stored batch is
 //! acknowledged with its sequence; a batch at or below the last stored sequence of its probe is
 //! a resend and is acknowledged without being stored again.
+//!
+//! Each stream stores one batch at a time, in order, while the next one is received and decoded;
+//! batches of several streams waiting at once are committed together by the store.
 
 use std::{
     collections::HashMap,
@@ -80,10 +83,45 @@ type AckStream = Pin<Box<dyn Stream<Item = Result<IngestAck, Status>> + Send>>;
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("storage task failed: {e}")))?
+    storage_status(tokio::task::spawn_blocking(f).await)
+}
+
+fn storage_status<T>(
+    r: Result<Result<T, crate::store::StoreError>, tokio::task::JoinError>,
+) -> Result<T, Status> {
+    r.map_err(|e| Status::internal(format!("storage task failed: {e}")))?
         .map_err(|e| Status::unavailable(format!("storage failed: {e}")))
+}
+
+/// A batch of a stream being stored.
+struct Storing {
+    sequence: u64,
+    events: u64,
+    late: u64,
+    latest: Option<u64>,
+    started: std::time::Instant,
+    task: tokio::task::JoinHandle<Result<(), crate::store::StoreError>>,
+}
+
+/// The outcome of the batch being stored, if any (never ready otherwise).
+async fn stored(storing: &mut Option<Storing>) -> Result<(), Status> {
+    match storing {
+        Some(s) => storage_status((&mut s.task).await),
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the batch being stored, if any.
+async fn settle(storing: &mut Option<Storing>) -> Option<(Storing, Result<(), Status>)> {
+    let mut s = storing.take()?;
+    let outcome = storage_status((&mut s.task).await);
+    Some((s, outcome))
+}
+
+/// What a stream waits for: its batch being stored, or the probe's next message.
+enum Next {
+    Stored(Result<(), Status>),
+    Message(Result<Option<IngestRequest>, Status>),
 }
 
 #[tonic::async_trait]
@@ -142,37 +180,80 @@ impl Ingest for IngestService {
         let stats = self.stats.clone();
         let live = self.live.clone();
         tokio::spawn(async move {
-            loop {
-                let msg = match inbound.message().await {
-                    Ok(Some(m)) => m,
-                    Ok(None) => break,
-                    Err(status) => {
+            // The batch being stored: one at a time, in sequence order, so a stored sequence
+            // always covers every batch before it.
+            let mut storing: Option<Storing> = None;
+            // Highest sequence handed to the store (stored or being stored).
+            let mut submitted = last;
+            // Counts and acknowledges a stored batch; a failure ends the stream (the probe
+            // resends).
+            let finish = |s: Storing, outcome: Result<(), Status>, last: &mut u64| match outcome {
+                Ok(()) => {
+                    stats
+                        .store_seconds
+                        .observe(s.started.elapsed().as_secs_f64());
+                    *last = s.sequence;
+                    stats.batches_stored.fetch_add(1, Ordering::Relaxed);
+                    stats.events_stored.fetch_add(s.events, Ordering::Relaxed);
+                    stats.events_late.fetch_add(s.late, Ordering::Relaxed);
+                    if let Some(latest) = s.latest {
+                        live.stored(&probe, latest);
+                    }
+                    // Acks are cumulative: if the probe is slow to read them, skipping one
+                    // loses nothing.
+                    let _ = tx.try_send(Ok(IngestAck {
+                        stored_sequence: *last,
+                    }));
+                    Ok(())
+                }
+                Err(status) => {
+                    tracing::error!(probe, error = status.message(), "cannot store a batch");
+                    Err(status)
+                }
+            };
+            let outcome = loop {
+                let next = tokio::select! {
+                    // Acknowledge a stored batch before reading on.
+                    biased;
+                    outcome = stored(&mut storing) => Next::Stored(outcome),
+                    msg = inbound.message() => Next::Message(msg),
+                };
+                let msg = match next {
+                    Next::Stored(outcome) => {
+                        let Some(s) = storing.take() else { continue };
+                        if let Err(status) = finish(s, outcome, &mut last) {
+                            break Err(status);
+                        }
+                        continue;
+                    }
+                    Next::Message(Ok(Some(m))) => m,
+                    Next::Message(Ok(None)) => break Ok(()),
+                    Next::Message(Err(status)) => {
                         // Oversized or undecodable messages land here: tell the probe why.
                         tracing::warn!(probe, code = ?status.code(), message = status.message(), "probe stream failed");
-                        let _ = tx.send(Err(status)).await;
-                        break;
+                        break Err(status);
                     }
                 };
                 match msg.message {
                     Some(Message::Batch(batch)) => {
-                        if batch.sequence <= last {
+                        if batch.sequence <= submitted {
                             stats.batches_duplicate.fetch_add(1, Ordering::Relaxed);
+                            let _ = tx.try_send(Ok(IngestAck {
+                                stored_sequence: last,
+                            }));
                         } else if batch.events.len() > MAX_BATCH_EVENTS {
-                            let _ = tx
-                                .send(Err(Status::invalid_argument(format!(
-                                    "batch {} has {} events, more than {MAX_BATCH_EVENTS}",
-                                    batch.sequence,
-                                    batch.events.len()
-                                ))))
-                                .await;
-                            break;
-                        } else {
-                            let (store, p, seq, n) = (
-                                store.clone(),
-                                probe.clone(),
+                            break Err(Status::invalid_argument(format!(
+                                "batch {} has {} events, more than {MAX_BATCH_EVENTS}",
                                 batch.sequence,
-                                batch.events.len(),
-                            );
+                                batch.events.len()
+                            )));
+                        } else {
+                            // In order: the previous batch is stored first.
+                            if let Some((s, outcome)) = settle(&mut storing).await
+                                && let Err(status) = finish(s, outcome, &mut last)
+                            {
+                                break Err(status);
+                            }
                             let closed = live.rollup.closed_before().saturating_mul(SECOND_NS);
                             let late = batch
                                 .events
@@ -187,38 +268,29 @@ impl Ingest for IngestService {
                                 .iter()
                                 .map(|e| e.start_unix_ns.saturating_add(e.duration_ns))
                                 .max();
-                            let started = std::time::Instant::now();
-                            match blocking(move || store.append(&p, seq, &batch.events)).await {
-                                Ok(()) => {
-                                    stats.store_seconds.observe(started.elapsed().as_secs_f64());
-                                    last = seq;
-                                    stats.batches_stored.fetch_add(1, Ordering::Relaxed);
-                                    stats.events_stored.fetch_add(n as u64, Ordering::Relaxed);
-                                    stats.events_late.fetch_add(late, Ordering::Relaxed);
-                                    if let Some(latest) = latest {
-                                        live.stored(&probe, latest);
-                                    }
-                                }
-                                Err(status) => {
-                                    tracing::error!(
-                                        probe,
-                                        error = status.message(),
-                                        "cannot store a batch"
-                                    );
-                                    let _ = tx.send(Err(status)).await;
-                                    break;
-                                }
-                            }
+                            let (store, p, seq) = (store.clone(), probe.clone(), batch.sequence);
+                            submitted = seq;
+                            storing = Some(Storing {
+                                sequence: seq,
+                                events: batch.events.len() as u64,
+                                late,
+                                latest,
+                                started: std::time::Instant::now(),
+                                task: tokio::task::spawn_blocking(move || {
+                                    store.append(&p, seq, &batch.events)
+                                }),
+                            });
                         }
-                        // Acks are cumulative: if the probe is slow to read them, skipping one
-                        // loses nothing.
-                        let _ = tx.try_send(Ok(IngestAck {
-                            stored_sequence: last,
-                        }));
                     }
                     Some(Message::Health(h)) => {
-                        // Nothing queued: everything that ended before about now was sent.
+                        // Nothing queued: everything that ended before about now was sent, and
+                        // is stored once the batch being stored is.
                         if h.queued_batches == 0 && h.spool_bytes == 0 {
+                            if let Some((s, outcome)) = settle(&mut storing).await
+                                && let Err(status) = finish(s, outcome, &mut last)
+                            {
+                                break Err(status);
+                            }
                             live.drained(&probe);
                         }
                         if let Ok(mut m) = stats.health.lock() {
@@ -226,14 +298,20 @@ impl Ingest for IngestService {
                         }
                     }
                     Some(Message::Hello(_)) | None => {
-                        let _ = tx
-                            .send(Err(Status::invalid_argument(
-                                "ProbeHello may only come first",
-                            )))
-                            .await;
-                        break;
+                        break Err(Status::invalid_argument("ProbeHello may only come first"));
                     }
                 }
+            };
+            // The batch being stored still is; its ack (or failure) goes out before the end.
+            let mut outcome = outcome;
+            if let Some((s, stored)) = settle(&mut storing).await
+                && let Err(status) = finish(s, stored, &mut last)
+                && outcome.is_ok()
+            {
+                outcome = Err(status);
+            }
+            if let Err(status) = outcome {
+                let _ = tx.send(Err(status)).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

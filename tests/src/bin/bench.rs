@@ -474,7 +474,7 @@ fn collector(total: u64) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let duck = {
         let collector = bakeoff_testkit::collector::Collector::start(&dir)?;
-        collector_run(&collector, total)?
+        collector_run(&collector, None, total)?
     };
     let click = {
         let server = bakeoff_testkit::clickhouse::ClickHouse::start(&dir)?;
@@ -484,19 +484,21 @@ fn collector(total: u64) -> Result<()> {
             bakeoff_testkit::process::free_port(),
             &["--clickhouse".into(), server.url()],
         )?;
-        collector_run(&collector, total)?
+        collector_run(&collector, Some(server.guard.pid()), total)?
     };
     println!(
         "\nbakeoff collector benchmark ({cores} cores shared by load generator, collector and store; \
          {STREAMS} concurrent probe streams, batches of {BATCH})\n"
     );
     println!(
-        "{:<12} {:>10} {:>9} {:>11} {:>15} {:>11} {:>7} {:>14} {:>16} {:>12}",
+        "{:<12} {:>10} {:>9} {:>11} {:>15} {:>8} {:>12} {:>11} {:>7} {:>14} {:>16} {:>12}",
         "store",
         "events",
         "ingest_s",
         "events/s",
         "events/s/core",
+        "cpu_s",
+        "events/cpu_s",
         "group_by_s",
         "groups",
         "verdict_read_s",
@@ -505,12 +507,14 @@ fn collector(total: u64) -> Result<()> {
     );
     for (name, r) in [("duckdb", duck), ("clickhouse", click)] {
         println!(
-            "{:<12} {:>10} {:>9.1} {:>11.0} {:>15.0} {:>11.2} {:>7} {:>14.3} {:>16} {:>12}",
+            "{:<12} {:>10} {:>9.1} {:>11.0} {:>15.0} {:>8.1} {:>12.0} {:>11.2} {:>7} {:>14.3} {:>16} {:>12}",
             name,
             r.events,
             r.ingest_s,
             r.events as f64 / r.ingest_s,
             r.events as f64 / r.ingest_s / cores as f64,
+            r.cpu_s,
+            r.events as f64 / r.cpu_s,
             r.group_s,
             r.groups,
             r.verdict_s,
@@ -519,7 +523,10 @@ fn collector(total: u64) -> Result<()> {
         );
     }
     println!(
-        "\ngroup_by_s: GET /api/v1/groups?by=cohort,path (count, errors, p50/p90/p99) over all events.\n\
+        "\nevents/s/core: events/s over all cores, load generator included. cpu_s: CPU seconds (user +\n\
+         system) of the collector, and of clickhouse-server, while ingesting; events/cpu_s: the\n\
+         ingest rate per core they fully use (the load generator's CPU left out).\n\
+         group_by_s: GET /api/v1/groups?by=cohort,path (count, errors, p50/p90/p99) over all events.\n\
          verdict_read_s: GET /api/v1/verdict once the judge covers every event (median of 5), over\n\
          judged_events spread over an hour (50 endpoints, 10% canary); during_ingest_s: median/max\n\
          of verdict reads every 250 ms while ingesting (ingest_s includes them)."
@@ -531,6 +538,7 @@ fn collector(total: u64) -> Result<()> {
 struct CollectorRun {
     events: u64,
     ingest_s: f64,
+    cpu_s: f64,
     group_s: f64,
     groups: usize,
     verdict_s: f64,
@@ -547,8 +555,22 @@ fn median_max(mut v: Vec<f64>) -> (f64, f64) {
     )
 }
 
+/// CPU seconds (user + system) used so far by the collector and, if given, its store's server.
+fn store_cpu_s(
+    collector: &bakeoff_testkit::collector::Collector,
+    server: Option<u32>,
+) -> Result<f64> {
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut ticks = proc_usage(collector.guard.pid())?.0;
+    if let Some(pid) = server {
+        ticks += proc_usage(pid)?.0;
+    }
+    Ok(ticks as f64 / hz)
+}
+
 fn collector_run(
     collector: &bakeoff_testkit::collector::Collector,
+    server: Option<u32>,
     total: u64,
 ) -> Result<CollectorRun> {
     use bakeoff_proto::v1::{
@@ -558,6 +580,7 @@ fn collector_run(
     let batches_per_stream = (total as usize).div_ceil(BATCH * STREAMS) as u64;
     let events = batches_per_stream * (BATCH * STREAMS) as u64;
     let rt = tokio::runtime::Runtime::new()?;
+    let cpu_before = store_cpu_s(collector, server)?;
     let started = Instant::now();
     // Verdict reads while ingesting: how long each takes (they must not stall the ingest).
     let ingesting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -626,6 +649,7 @@ fn collector_run(
         anyhow::Ok(())
     })?;
     let ingest_s = started.elapsed().as_secs_f64();
+    let cpu_s = store_cpu_s(collector, server)? - cpu_before;
     ingesting.store(false, std::sync::atomic::Ordering::Relaxed);
     let (during_median_s, during_max_s) = median_max(
         reader
@@ -664,6 +688,7 @@ fn collector_run(
     Ok(CollectorRun {
         events,
         ingest_s,
+        cpu_s,
         group_s,
         groups: groups.as_array().map_or(0, Vec::len),
         verdict_s,
