@@ -228,18 +228,30 @@ impl Live {
         Ok(v)
     }
 
-    /// An experiment the rollup does not know: not found (naming what exists), unless its
-    /// events are in the store and only waiting for their second to close.
+    /// An experiment or cohort the rollup does not know: not found (naming what exists), unless
+    /// its events are in the store and only waiting for their second to close. Only requests
+    /// that can still land in an open second are looked for (everything older is in the
+    /// rollup already), so this never scans the experiment's history.
     fn not_judged_yet(
         &self,
         base: &JudgeConfig,
         req: &VerdictRequest,
     ) -> Result<Verdict, VerdictError> {
+        let open_since = self
+            .rollup
+            .closed_before()
+            .saturating_mul(SECOND_NS)
+            .saturating_sub(MAX_DURATION_NS);
         let stored = self.store.group(
-            &Filter::experiment(&req.experiment, None),
+            &Filter::experiment(&req.experiment, Some(open_since)),
             &["cohort".to_string()],
         )?;
-        if stored.is_empty() {
+        let closed = self
+            .rollup
+            .known()
+            .remove(&req.experiment)
+            .unwrap_or_default();
+        if stored.is_empty() && closed.is_empty() {
             let known: BTreeMap<String, Vec<String>> = self.rollup.known();
             let list = if known.is_empty() {
                 "no experiment has events yet".to_string()
@@ -258,8 +270,10 @@ impl Live {
         let mut cohorts: Vec<String> = stored
             .iter()
             .filter_map(|g| g.key.first().cloned().flatten())
+            .chain(closed)
             .collect();
         cohorts.sort();
+        cohorts.dedup();
         for cohort in [&req.baseline, &req.canary] {
             if !cohorts.contains(cohort) {
                 return Err(VerdictError::NotFound(format!(

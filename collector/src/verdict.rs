@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     drilldown::DrillRow,
-    series::{Cell, Outcome, Snapshot, endpoint},
+    series::{Cell, Outcome, Snapshot},
     stats::{
         confseq,
         eprocess::{Direction, ShareTest, SuperiorityTest},
@@ -1134,7 +1134,7 @@ pub fn judge_rows(
             .map(|r| {
                 (
                     r.cohort.as_str(),
-                    endpoint(&r.method, &r.path),
+                    r.endpoint(),
                     r.start_unix_ns,
                     r.duration_ns,
                     Outcome::of(

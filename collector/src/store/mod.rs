@@ -117,11 +117,7 @@ pub struct SampleRow {
 impl SampleRow {
     /// `METHOD path` with the query string left out (routes are low-cardinality, queries not).
     pub fn endpoint(&self) -> String {
-        let path = self
-            .path
-            .split_once('?')
-            .map_or(self.path.as_str(), |(p, _)| p);
-        format!("{} {path}", self.method)
+        crate::series::endpoint(&self.method, &self.path)
     }
 }
 
