@@ -648,27 +648,28 @@ mod tests {
         );
     }
 
-    /// Store-only ingest rate in batches of 2000 (as `cargo xtask bench collector` sends), from
+    /// Store-only ingest rate in batches (commits) of BAKEOFF_APPEND_BATCH events (2000, as
+    /// `cargo xtask bench collector` sends), from
     /// BAKEOFF_APPEND_THREADS threads (1) appending BAKEOFF_APPEND_EVENTS events (1M) in all:
     /// `cargo test --release -p bakeoff store::duckdb::tests::append_rate -- --ignored --nocapture`
     #[test]
     #[ignore = "benchmark"]
     fn append_rate() {
-        const BATCH: usize = 2000;
         let env = |name: &str, default: usize| {
             std::env::var(name)
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(default)
         };
-        let (total, threads) = (
+        let (total, threads, batch_len) = (
             env("BAKEOFF_APPEND_EVENTS", 1_000_000),
             env("BAKEOFF_APPEND_THREADS", 1),
+            env("BAKEOFF_APPEND_BATCH", 2000),
         );
         let db = TempDb::new("append-rate");
         let store = DuckDbStore::open(&db.0).unwrap();
-        let batch = synthetic(BATCH);
-        let batches = total.div_ceil(BATCH * threads);
+        let batch = synthetic(batch_len);
+        let batches = total.div_ceil(batch_len * threads);
         // User + system CPU seconds of this process (USER_HZ is 100 on Linux).
         let cpu = || {
             let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
@@ -694,10 +695,10 @@ mod tests {
             }
         });
         let (s, cpu_s) = (started.elapsed().as_secs_f64(), cpu() - cpu_before);
-        let n = batches * BATCH * threads;
+        let n = batches * batch_len * threads;
         println!(
             "append_rate: {n} events in {s:.2} s = {:.0} events/s, {:.0} events per CPU-second \
-             ({threads} threads, batches of {BATCH})",
+             ({threads} threads, batches of {batch_len})",
             n as f64 / s,
             n as f64 / cpu_s
         );
