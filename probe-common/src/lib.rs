@@ -28,8 +28,14 @@ pub mod drop_reason {
     pub const CALLS_FULL: u32 = 2;
     /// Reading user memory failed; the event carries no payload but its length is exact.
     pub const READ_USER: u32 = 3;
+    /// A segment of a connection left out by sampling (the probe is over its CPU budget).
+    pub const SAMPLED_OUT: u32 = 4;
+    /// A packet the segment hooks could not parse (IPv6 extension headers, short headers).
+    pub const SEGMENT_UNPARSED: u32 = 5;
+    /// A connection (accept or connect) left out by sampling, on the syscall path.
+    pub const CONN_SAMPLED_OUT: u32 = 6;
     /// Number of counters.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 7;
 }
 
 /// What a ring-buffer record is. Every record starts with an [`EventHeader`].
@@ -48,6 +54,10 @@ pub enum EventKind {
     Close = 5,
     /// Bytes read from or written to a tracked socket.
     Data = 6,
+    /// A TCP segment of a socket in a cohort cgroup (the cgroup data path).
+    Segment = 7,
+    /// A socket of a cohort cgroup was released (the cgroup data path).
+    Release = 8,
 }
 
 impl EventKind {
@@ -59,6 +69,8 @@ impl EventKind {
             4 => Self::Conn,
             5 => Self::Close,
             6 => Self::Data,
+            7 => Self::Segment,
+            8 => Self::Release,
             _ => return None,
         })
     }
@@ -139,7 +151,88 @@ pub struct DataHeader {
     pub direction: u8,
     /// The syscall, as a [`syscall`] value, for diagnostics.
     pub syscall: u8,
-    pub _pad: [u8; 6],
+    /// The socket's [`conn_role`] value (as `u8`), so user space can adopt a connection whose
+    /// `Conn` record was lost.
+    pub role: u8,
+    pub _pad: [u8; 5],
+}
+
+/// TCP flags of a [`SegmentHeader`] (the TCP header's flag byte).
+pub mod tcp_flag {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// Header of a `Segment` record (cgroup data path): one TCP segment with payload (or SYN, FIN,
+/// RST) of a socket created in a cohort cgroup; `captured` payload bytes follow it.
+/// `header.tgid` is the sending process on egress when it runs in the socket's cgroup, else 0
+/// (ingress runs in softirq or in the sender's context).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SegmentHeader {
+    pub header: EventHeader,
+    /// `bpf_get_socket_cookie`: the connection's identity, unique while the host runs.
+    pub cookie: u64,
+    /// cgroup v2 id of the socket (the cgroup its creator was in).
+    pub cgroup: u64,
+    /// TCP sequence number of the first payload byte (of the SYN, for a SYN).
+    pub seq: u32,
+    /// Exact payload bytes (one GSO/GRO super-segment may carry up to 64 KB).
+    pub len: u32,
+    /// Payload bytes that follow this header: `min(len, prefix)`.
+    pub captured: u32,
+    /// [`tcp_flag`] bits.
+    pub flags: u8,
+    /// A [`data_dir`] value: ingress (received by the socket) or egress (sent).
+    pub direction: u8,
+    /// `AF_INET` or `AF_INET6` (of the socket; IPv4-mapped addresses for v4 on a v6 socket).
+    pub family: u16,
+    /// Host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u32,
+    /// Network byte order; IPv4 in the first 4 bytes.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+
+/// A segment record as the kernel assembles it in per-CPU scratch memory; only
+/// `size_of::<SegmentHeader>() + captured` bytes are sent.
+#[repr(C)]
+pub struct SegmentScratch {
+    pub header: SegmentHeader,
+    pub data: [u8; MAX_PREFIX],
+}
+
+/// `Release` record: a socket of a cohort cgroup is gone (cgroup data path).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReleaseEvent {
+    pub header: EventHeader,
+    pub cookie: u64,
+}
+
+/// Slots of the `SETTINGS` array map, which user space may change while the programs run.
+pub mod setting {
+    /// Connections sampled in, out of [`SAMPLE_SCALE`](super::SAMPLE_SCALE) (a hash of the
+    /// socket decides, so whole connections are in or out).
+    pub const SAMPLE: u32 = 0;
+    /// Ring-buffer bytes waiting before a record wakes the reader (below: the reader's timer
+    /// picks them up).
+    pub const WAKE_BYTES: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// Sampling scale: `SAMPLE` = `SAMPLE_SCALE` keeps every connection.
+pub const SAMPLE_SCALE: u32 = 1024;
+
+/// Whether a connection is sampled in, from a value that identifies it (socket cookie, or
+/// tgid and fd). Shared so that user space can tell which connections the kernel skips.
+#[inline(always)]
+pub fn sampled_in(identity: u64, sample: u32) -> bool {
+    sample >= SAMPLE_SCALE || ((identity.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as u32) < sample
 }
 
 /// A data record as the kernel assembles it in per-CPU scratch memory. Twice `MAX_PREFIX` long so

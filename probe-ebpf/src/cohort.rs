@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use probe_common::{COHORT_NONE, EventHeader, EventKind, ProcEvent};
 
-use crate::maps::{COHORT_CGROUPS, COHORT_TGIDS, emit};
+use crate::maps::{COHORT_CGROUPS, COHORT_TGIDS, emit_now};
 
 /// Offsets in the `sched_*` tracepoint records (see `/sys/kernel/tracing/events/sched/*/format`).
 const FORK_CHILD_PID: usize = 20;
@@ -50,7 +50,7 @@ pub fn on_exec(ctx: &TracePointContext) {
     let Ok(pid) = (unsafe { ctx.read_at::<i32>(EXEC_PID) }) else {
         return;
     };
-    emit(&proc_event(
+    emit_now(&proc_event(
         EventKind::Exec,
         pid as u32,
         pid as u32,
@@ -73,7 +73,7 @@ pub fn on_fork(ctx: &TracePointContext) {
     if COHORT_TGIDS.insert(child, cohort, 0).is_err() {
         crate::maps::count_drop(probe_common::drop_reason::SOCKETS_FULL);
     }
-    emit(&proc_event(EventKind::Fork, parent, child, cohort));
+    emit_now(&proc_event(EventKind::Fork, parent, child, cohort));
 }
 
 /// Forgets an exiting thread's inherited entry, and the whole process when its last thread exits.
@@ -81,6 +81,7 @@ pub fn on_exit(ctx: &TracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let pid = pid_tgid as u32;
+    crate::sockets::forget_thread(pid_tgid);
     if pid != tgid {
         let _ = COHORT_TGIDS.remove(pid);
     }
@@ -93,5 +94,5 @@ pub fn on_exit(ctx: &TracePointContext) {
         return;
     }
     let _ = COHORT_TGIDS.remove(tgid);
-    emit(&proc_event(EventKind::Exit, tgid, tgid, cohort));
+    emit_now(&proc_event(EventKind::Exit, tgid, tgid, cohort));
 }

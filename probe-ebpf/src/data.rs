@@ -5,7 +5,7 @@ use core::ffi::c_void;
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::{bpf_probe_read_user as probe_read_user_raw, bpf_ringbuf_output},
+        generated::bpf_probe_read_user as probe_read_user_raw,
     },
     programs::TracePointContext,
 };
@@ -16,8 +16,9 @@ use probe_common::{
 
 use crate::{
     cohort::current_tgid,
-    maps::{CALLS, EVENTS, PREFIX_LEN, SCRATCH, SOCKETS, count_drop},
+    maps::{PREFIX_LEN, SCRATCH, SOCKETS, count_drop, emit_bytes},
     sockets::{ARG0, ARG1, ARG2, RET},
+    sockets::{save_call, take_call},
 };
 
 /// `struct user_msghdr`: `msg_iov` and `msg_iovlen` offsets.
@@ -36,7 +37,7 @@ fn save_if_tracked(fd: u64, ptr: u64, iovcnt: u64, syscall: u8) {
     let Some(info) = (unsafe { SOCKETS.get(key) }).copied() else {
         return;
     };
-    let args = CallArgs {
+    save_call(CallArgs {
         ptr,
         iovcnt,
         fd: fd as u32,
@@ -44,10 +45,7 @@ fn save_if_tracked(fd: u64, ptr: u64, iovcnt: u64, syscall: u8) {
         role: info.role,
         syscall,
         _pad: [0; 3],
-    };
-    if CALLS.insert(bpf_get_current_pid_tgid(), args, 0).is_err() {
-        count_drop(drop_reason::CALLS_FULL);
-    }
+    });
 }
 
 /// `read`/`recvfrom`/`write`/`sendto`: (fd, buf, count, ...).
@@ -140,11 +138,9 @@ fn copy_user(dst: *mut u8, off: usize, src: u64, want: usize) -> usize {
 /// Exit of every data syscall: build the record in scratch memory and send header + prefix.
 pub fn exit(ctx: &TracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: copied out before the entry is removed.
-    let Some(args) = (unsafe { CALLS.get(pid_tgid) }).copied() else {
+    let Some(args) = take_call(pid_tgid) else {
         return;
     };
-    let _ = CALLS.remove(pid_tgid);
     let Some(dir) = direction(args.syscall) else {
         return;
     };
@@ -231,19 +227,10 @@ pub fn exit(ctx: &TracePointContext) {
             seq,
             direction: dir,
             syscall: args.syscall,
-            _pad: [0; 6],
+            role: args.role as u8,
+            _pad: [0; 5],
         };
     }
     let size = core::mem::size_of::<DataHeader>() + captured;
-    let ret = unsafe {
-        bpf_ringbuf_output(
-            core::ptr::addr_of!(EVENTS) as *mut c_void,
-            scratch as *mut c_void,
-            size as u64,
-            0,
-        )
-    };
-    if ret < 0 {
-        count_drop(drop_reason::RINGBUF_FULL);
-    }
+    emit_bytes(scratch as *mut c_void, size as u64);
 }

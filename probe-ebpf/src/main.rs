@@ -1,17 +1,45 @@
 //! bakeoff's kernel programs. Entry points only; the logic lives in the modules.
 //!
-//! Every hook here fires for every process on the host, so each one starts with the cheapest
-//! possible check (one hash lookup) and returns at once for processes outside the cohorts.
+//! The tracepoints fire for every process on the host, so each one starts with the cheapest
+//! possible check (one hash lookup) and returns at once for processes outside the cohorts. The
+//! cgroup programs run only for sockets of the cohort cgroups they are attached to.
 #![no_std]
 #![no_main]
 
 mod cohort;
 mod data;
 mod maps;
+mod segments;
 mod sockets;
 
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use probe_common::syscall;
+use aya_ebpf::{
+    macros::{cgroup_skb, cgroup_sock, tracepoint},
+    programs::{SkBuffContext, SockContext, TracePointContext},
+};
+use probe_common::{data_dir, syscall};
+
+// --- the cgroup data path: attached to cohort cgroups only ---
+
+/// Segments received by sockets of a cohort cgroup. Returns 1: the packet always passes.
+#[cgroup_skb(ingress)]
+pub fn segment_ingress(ctx: SkBuffContext) -> i32 {
+    segments::on_segment(&ctx, data_dir::INGRESS);
+    1
+}
+
+/// Segments sent by sockets of a cohort cgroup.
+#[cgroup_skb(egress)]
+pub fn segment_egress(ctx: SkBuffContext) -> i32 {
+    segments::on_segment(&ctx, data_dir::EGRESS);
+    1
+}
+
+/// A socket of a cohort cgroup is released. Returns 1: never refuses anything.
+#[cgroup_sock(sock_release)]
+pub fn socket_release(ctx: SockContext) -> i32 {
+    segments::on_release(&ctx);
+    1
+}
 
 // --- scheduler: cohort membership ---
 

@@ -7,12 +7,12 @@ use aya_ebpf::{
 };
 use probe_common::{
     COHORT_NONE, CallArgs, ConnEvent, EventHeader, EventKind, SockInfo, SockKey, conn_role,
-    drop_reason, syscall,
+    drop_reason, sampled_in, syscall,
 };
 
 use crate::{
     cohort::{current_cohort, current_tgid},
-    maps::{CALLS, SOCKETS, count_drop, emit},
+    maps::{CALLS, SOCKETS, count_drop, emit, sample},
 };
 
 /// Offsets of the first arguments and of the return value in `syscalls/sys_{enter,exit}_*`.
@@ -30,6 +30,41 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const EINPROGRESS: i64 = 115;
 
+/// Saves a call's arguments for its exit. A thread's entry is overwritten in place and only
+/// marked taken at exit (`syscall` 0), not deleted: a hash-map insert and delete per syscall
+/// would cost more than the rest of the hook. Entries go when their thread exits.
+#[inline(always)]
+pub fn save_call(args: CallArgs) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if let Some(slot) = CALLS.get_ptr_mut(pid_tgid) {
+        // SAFETY: map value of this thread; only this thread writes it.
+        unsafe { *slot = args };
+    } else if CALLS.insert(pid_tgid, args, 0).is_err() {
+        count_drop(drop_reason::CALLS_FULL);
+    }
+}
+
+/// The arguments saved by this thread's pending enter, if any, marking them taken.
+#[inline(always)]
+pub fn take_call(pid_tgid: u64) -> Option<CallArgs> {
+    let slot = CALLS.get_ptr_mut(pid_tgid)?;
+    // SAFETY: map value of this thread; only this thread writes it.
+    unsafe {
+        if (*slot).syscall == 0 {
+            return None;
+        }
+        let args = *slot;
+        (*slot).syscall = 0;
+        Some(args)
+    }
+}
+
+/// Forgets an exiting thread's saved-arguments slot.
+#[inline(always)]
+pub fn forget_thread(pid_tgid: u64) {
+    let _ = CALLS.remove(pid_tgid);
+}
+
 #[inline(always)]
 fn save(syscall: u8, fd: u32, ptr: u64, role: u32) {
     let tgid = current_tgid();
@@ -37,7 +72,7 @@ fn save(syscall: u8, fd: u32, ptr: u64, role: u32) {
     if cohort == COHORT_NONE {
         return;
     }
-    let args = CallArgs {
+    save_call(CallArgs {
         ptr,
         iovcnt: 0,
         fd,
@@ -45,10 +80,7 @@ fn save(syscall: u8, fd: u32, ptr: u64, role: u32) {
         role,
         syscall,
         _pad: [0; 3],
-    };
-    if CALLS.insert(bpf_get_current_pid_tgid(), args, 0).is_err() {
-        count_drop(drop_reason::CALLS_FULL);
-    }
+    });
 }
 
 /// `accept(fd, upeer_sockaddr, upeer_addrlen)` and `accept4(..., flags)`.
@@ -75,12 +107,8 @@ pub fn exit_accept_or_connect(ctx: &TracePointContext) {
     let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
         return;
     };
-    // SAFETY: copied out before the entry is removed.
-    let args = match (unsafe { CALLS.get(pid_tgid) }).copied() {
-        Some(args) => {
-            let _ = CALLS.remove(pid_tgid);
-            args
-        }
+    let args = match take_call(pid_tgid) {
+        Some(args) => args,
         // An accept that was already blocking when the hooks were attached: its enter was
         // missed, but the new fd is in the return value. The peer address is left to user space.
         None => match unsafe { ctx.read_at::<i32>(SYSCALL_NR) } {
@@ -105,11 +133,17 @@ pub fn exit_accept_or_connect(ctx: &TracePointContext) {
         _ => return,
     };
     let tgid = (pid_tgid >> 32) as u32;
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    // Over the CPU budget, whole connections are left out (counted), never parts of one.
+    if !sampled_in(ts_ns ^ u64::from(fd), sample()) {
+        count_drop(drop_reason::CONN_SAMPLED_OUT);
+        return;
+    }
     let mut event = ConnEvent {
         header: EventHeader {
             kind: EventKind::Conn as u32,
             tgid,
-            ts_ns: unsafe { bpf_ktime_get_ns() },
+            ts_ns,
         },
         fd,
         cohort: args.cohort,

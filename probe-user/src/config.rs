@@ -199,8 +199,21 @@ impl CollectorConfig {
     }
 }
 
+/// Which kernel hooks watch cohorts named by cgroup.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPath {
+    /// cgroup-only rules use `cgroup_skb` hooks on the cohort cgroups (nothing else on the host
+    /// pays); other rules use syscall tracepoints.
+    #[default]
+    Auto,
+    /// Every cohort through syscall tracepoints (syscall-time timestamps; sees Unix sockets'
+    /// processes the same way as TCP ones).
+    Syscall,
+}
+
 /// The whole probe configuration.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Experiment name carried by every event.
@@ -230,6 +243,23 @@ pub struct Config {
     /// Serve Prometheus `/metrics` on this address (e.g. `0.0.0.0:9464`).
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Kernel hooks for cgroup cohorts.
+    #[serde(default)]
+    pub data_path: DataPath,
+    /// CPU budget, as a share of one core (0.5 = half a core). Above it the probe samples whole
+    /// connections, equally in every cohort, instead of slowing the services.
+    #[serde(default = "default_max_cpu")]
+    pub max_cpu: f64,
+    /// Memory bound: connections tracked at most (each also bounds its TCP reassembly buffers).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_max_cpu() -> f64 {
+    1.0
+}
+fn default_max_connections() -> usize {
+    crate::conn::DEFAULT_MAX_CONNECTIONS
 }
 
 fn default_experiment() -> String {
@@ -258,6 +288,9 @@ impl Default for Config {
             collector: None,
             otlp: None,
             metrics_listen: None,
+            data_path: DataPath::Auto,
+            max_cpu: default_max_cpu(),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -318,6 +351,15 @@ impl Config {
                 "ring_buffer_bytes {} must be a power of two of at least 4096",
                 self.ring_buffer_bytes
             )));
+        }
+        if !(self.max_cpu.is_finite() && self.max_cpu >= 0.01) {
+            return Err(invalid(format!(
+                "max_cpu {} must be a share of one core of at least 0.01",
+                self.max_cpu
+            )));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections must be positive".into()));
         }
         if let Some(c) = &self.collector {
             if !(c.endpoint.starts_with("http://") || c.endpoint.starts_with("https://")) {

@@ -1,6 +1,7 @@
 //! bakeoff-probe: the node agent. Data moves one way through these modules:
-//! `kernel` (load, attach, ring buffer) -> `conn` (per-connection state) -> `protocol` (framing,
-//! pairing) -> `event` (request events) -> `output`.
+//! `kernel` (load, attach, ring buffer) -> `conn` (per-connection state) -> `stream` (each
+//! direction's ordered bytes, TCP reassembly) -> `protocol` (framing, pairing) -> `event`
+//! (request events) -> `output`.
 //! `cohort` decides which processes are watched; `config` reads the rules.
 
 pub mod clock;
@@ -14,4 +15,5 @@ pub mod metrics;
 pub mod output;
 pub mod pipeline;
 pub mod protocol;
+pub mod stream;
 pub mod summary;

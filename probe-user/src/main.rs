@@ -5,8 +5,8 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use bakeoff_probe::{
-    cohort::{CgroupMatch, Cohorts, cgroup2_root},
-    config::{CohortRule, CollectorConfig, Config, OtlpConfig, TlsConfig},
+    cohort::{CgroupMatch, Cohorts, cgroup_plan, cgroup2_root},
+    config::{CohortRule, CollectorConfig, Config, DataPath, OtlpConfig, TlsConfig},
     export::{
         grpc::{ExportConfig, Exporter},
         otlp::{OtlpExportConfig, OtlpExporter},
@@ -48,6 +48,18 @@ struct Cli {
     /// Keep the per-syscall hooks attached even while no cohort has a member.
     #[arg(long)]
     always_attach: bool,
+    /// Kernel hooks for cohorts named by cgroup: `auto` (cgroup_skb on the cohort cgroups;
+    /// nothing else on the host pays) or `syscall` (syscall tracepoints, as for pid, exe and
+    /// env rules).
+    #[arg(long, env = "BAKEOFF_DATA_PATH", value_enum)]
+    data_path: Option<DataPath>,
+    /// CPU budget as a share of one core (default 1.0). Above it the probe samples whole
+    /// connections, equally in every cohort, and reports the ratio, instead of slowing services.
+    #[arg(long, env = "BAKEOFF_MAX_CPU")]
+    max_cpu: Option<f64>,
+    /// Memory bound: connections tracked at most (default 100000).
+    #[arg(long, env = "BAKEOFF_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
     /// JSON lines: `-` (stdout), `none`, or a file. Default: stdout unless --collector is set.
     #[arg(short, long, env = "BAKEOFF_OUTPUT")]
     output: Option<String>,
@@ -121,6 +133,15 @@ impl Cli {
         }
         if self.always_attach {
             config.on_demand_hooks = false;
+        }
+        if let Some(v) = self.data_path {
+            config.data_path = v;
+        }
+        if let Some(v) = self.max_cpu {
+            config.max_cpu = v;
+        }
+        if let Some(v) = self.max_connections {
+            config.max_connections = v;
         }
         if let Some(v) = &self.output {
             config.output.path = Some(v.clone());
@@ -210,17 +231,23 @@ fn run(cli: Cli) -> Result<()> {
         None => None,
     };
 
+    pipeline.set_max_connections(config.max_connections);
+    kernel.set_wake_bytes(WAKE_BYTES)?;
+    let via_cgroup = config.data_path == DataPath::Auto;
     let mut cgroups = pipeline.cohorts().cgroups();
-    kernel.set_cgroups(&ids(&cgroups))?;
-    pipeline.scan(&mut kernel, &cgroups);
-    let mut hooks = HookControl::new(!config.on_demand_hooks);
+    apply_cgroups(&mut kernel, &mut pipeline, &cgroups, via_cgroup)?;
+    pipeline.scan(&mut kernel, &cgroups, via_cgroup);
+    let mut hooks = HookControl::new(!config.on_demand_hooks, via_cgroup);
     hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
+    let mut budget = Budget::new(config.max_cpu);
     tracing::info!(
         cohorts = ?pipeline.cohorts().names(),
         processes = pipeline.process_count(),
         cgroups = cgroups.len(),
-        data_hooks = kernel.data_hooks_attached(),
+        cgroup_path = kernel.cgroup_path_dirs(),
+        syscall_hooks = kernel.data_hooks_attached(),
         prefix = config.payload_prefix,
+        max_cpu = config.max_cpu,
         "probe ready"
     );
     if let Some(path) = &cli.ready_file {
@@ -293,8 +320,15 @@ fn run(cli: Cli) -> Result<()> {
         let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // Records below the kernel's wake-up threshold are collected by this timer.
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // Both signal streams exist for the whole run: a signal that arrives while a drain is
+        // under way is kept for the next turn of the loop, never lost.
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot handle SIGTERM")?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .context("cannot handle SIGINT")?;
         let deadline = cli.duration.map(Duration::from_secs_f64);
         let stop = async {
             match deadline {
@@ -307,10 +341,22 @@ fn run(cli: Cli) -> Result<()> {
         let mut last_drops = [0u64; probe_common::drop_reason::COUNT as usize];
         loop {
             tokio::select! {
+                // Signals first: a loaded probe still stops at once.
+                biased;
+                _ = int.recv() => break,
+                _ = term.recv() => break,
+                _ = &mut stop => break,
                 guard = ring.readable_mut() => {
                     let mut guard = guard.context("ring buffer poll failed")?;
-                    drain(guard.get_inner_mut(), &mut pipeline, &mut kernel, &mut events);
-                    guard.clear_ready();
+                    // Bounded: under a flood the loop still turns (signals, timers, export).
+                    if !drain(guard.get_inner_mut(), &mut pipeline, &mut kernel, &mut events, DRAIN_BATCH) {
+                        guard.clear_ready();
+                    }
+                    sink.write(&mut events)?;
+                    hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
+                }
+                _ = poll.tick() => {
+                    drain(ring.get_mut(), &mut pipeline, &mut kernel, &mut events, DRAIN_BATCH);
                     sink.write(&mut events)?;
                     hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
                 }
@@ -318,9 +364,28 @@ fn run(cli: Cli) -> Result<()> {
                     // New cgroups (pods started since) join their cohort.
                     let now = pipeline.cohorts().cgroups();
                     if now != cgroups {
-                        kernel.set_cgroups(&ids(&now))?;
+                        apply_cgroups(&mut kernel, &mut pipeline, &now, via_cgroup)?;
                         cgroups = now;
                         hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
+                    }
+                    if via_cgroup {
+                        pipeline.refresh_cgroup_processes(&cgroups);
+                    }
+                    pipeline.expire(&mut events);
+                    sink.write(&mut events)?;
+                    if let Some(sample) = budget.update() {
+                        kernel.set_sample(sample)?;
+                        pipeline.set_sample(sample);
+                    }
+                    let relaxed = std::sync::atomic::Ordering::Relaxed;
+                    counters.sample.store(u64::from(budget.sample), relaxed);
+                    counters.cpu_millicores.store((budget.last_share * 1000.0) as u64, relaxed);
+                    counters.connections.store(pipeline.connections() as u64, relaxed);
+                    counters
+                        .requests_lost_estimate
+                        .store(pipeline.conn_stats().requests_lost_estimate, relaxed);
+                    if let Ok(mut m) = counters.cohort_members.lock() {
+                        *m = pipeline.cohort_members();
                     }
                     let drops = kernel.drops();
                     for (c, d) in counters.kernel_drops.iter().zip(drops) {
@@ -330,16 +395,20 @@ fn run(cli: Cli) -> Result<()> {
                         e.stats.ringbuf_drops.store(drops[0], std::sync::atomic::Ordering::Relaxed);
                     }
                     if drops != last_drops {
-                        tracing::warn!(?drops, "kernel-side drops (ringbuf_full, sockets_full, calls_full, read_user)");
+                        let named: Vec<String> = bakeoff_probe::metrics::KERNEL_DROP_REASONS
+                            .iter()
+                            .zip(drops.iter().zip(last_drops.iter()))
+                            .filter(|(_, (now, before))| now != before)
+                            .map(|(name, (now, _))| format!("{name}={now}"))
+                            .collect();
+                        tracing::warn!(drops = %named.join(" "), "kernel-side drops");
                         last_drops = drops;
                     }
                 }
-                _ = tokio::signal::ctrl_c() => break,
-                _ = term.recv() => break,
-                _ = &mut stop => break,
             }
         }
-        drain(ring.get_mut(), &mut pipeline, &mut kernel, &mut events);
+        // What is already in the ring buffer, bounded so that stopping stays prompt.
+        drain(ring.get_mut(), &mut pipeline, &mut kernel, &mut events, STOP_DRAIN);
         sink.write(&mut events)?;
         let otlp_stats = match otlp {
             Some(o) => {
@@ -370,19 +439,22 @@ fn run(cli: Cli) -> Result<()> {
             )
         })
         .collect();
+    let drops = kernel.drops();
+    let kernel_drops: serde_json::Map<String, serde_json::Value> =
+        bakeoff_probe::metrics::KERNEL_DROP_REASONS
+            .iter()
+            .zip(drops)
+            .map(|(name, n)| (name.to_string(), n.into()))
+            .collect();
     let stats = serde_json::json!({
+        "sample_per_1024": budget.sample,
         "programs": programs,
         "pipeline": pipeline.stats,
         "connections": pipeline.conn_stats(),
         "in_flight_at_exit": pipeline.in_flight(),
         "export": exporter_stats,
         "otlp": otlp_stats,
-        "kernel_drops": {
-            "ringbuf_full": kernel.drops()[0],
-            "sockets_full": kernel.drops()[1],
-            "calls_full": kernel.drops()[2],
-            "read_user": kernel.drops()[3],
-        },
+        "kernel_drops": kernel_drops,
     });
     tracing::info!(%stats, "probe stopped");
     if let Some(path) = &cli.stats_file {
@@ -395,20 +467,119 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn ids(cgroups: &[CgroupMatch]) -> Vec<(u64, u32)> {
-    cgroups.iter().map(|g| (g.id, g.cohort)).collect()
+/// Ring-buffer bytes that wake the probe at once; fewer wait for `POLL_INTERVAL`.
+const WAKE_BYTES: u32 = 256 << 10;
+/// How often the ring buffer is read when no wake-up came.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Records handled per turn of the main loop.
+const DRAIN_BATCH: usize = 32_768;
+/// Records handled at stop.
+const STOP_DRAIN: usize = 1 << 20;
+
+/// Puts the matched cgroups on their data path: the cgroup hooks (and the socket-cgroup ->
+/// cohort map) or, with `--data-path syscall`, the syscall hooks' cgroup map.
+fn apply_cgroups(
+    kernel: &mut Kernel,
+    pipeline: &mut Pipeline,
+    cgroups: &[CgroupMatch],
+    via_cgroup: bool,
+) -> Result<()> {
+    if via_cgroup {
+        let plan = cgroup_plan(cgroups);
+        kernel.set_cgroup_path(&plan.attach)?;
+        pipeline.set_cgroup_cohorts(plan.ids);
+    } else {
+        let ids: Vec<(u64, u32)> = cgroups.iter().map(|g| (g.id, g.cohort)).collect();
+        kernel.set_cgroups(&ids)?;
+    }
+    Ok(())
 }
 
-/// Reads every record waiting in the ring buffer.
+/// Reads up to `max` records waiting in the ring buffer; true if it stopped at `max`.
 fn drain(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     pipeline: &mut Pipeline,
     kernel: &mut Kernel,
     events: &mut Vec<bakeoff_probe::event::RequestEvent>,
-) {
-    while let Some(item) = ring.next() {
-        pipeline.handle(&item, kernel, events);
+    max: usize,
+) -> bool {
+    for _ in 0..max {
+        match ring.next() {
+            Some(item) => pipeline.handle(&item, kernel, events),
+            None => return false,
+        }
     }
+    true
+}
+
+/// The CPU budget: measures the probe's own CPU once a second and sets how many connections
+/// (out of `SAMPLE_SCALE`) are decoded. Whole connections are sampled, by a hash of the socket,
+/// so every cohort keeps the same share.
+struct Budget {
+    max_share: f64,
+    sample: u32,
+    last_cpu_s: f64,
+    last_at: std::time::Instant,
+    last_share: f64,
+}
+
+impl Budget {
+    fn new(max_share: f64) -> Self {
+        Self {
+            max_share,
+            sample: probe_common::SAMPLE_SCALE,
+            last_cpu_s: own_cpu_seconds(),
+            last_at: std::time::Instant::now(),
+            last_share: 0.0,
+        }
+    }
+
+    /// The new sampling, if it changed.
+    fn update(&mut self) -> Option<u32> {
+        let (cpu, now) = (own_cpu_seconds(), std::time::Instant::now());
+        let wall = now.duration_since(self.last_at).as_secs_f64();
+        if wall < 0.5 {
+            return None;
+        }
+        let share = (cpu - self.last_cpu_s) / wall;
+        (self.last_cpu_s, self.last_at, self.last_share) = (cpu, now, share);
+        let scale = probe_common::SAMPLE_SCALE;
+        let next = if share > self.max_share {
+            ((f64::from(self.sample) * self.max_share / share * 0.9) as u32).max(1)
+        } else if share < 0.6 * self.max_share && self.sample < scale {
+            ((f64::from(self.sample) * 1.5) as u32)
+                .max(self.sample + 1)
+                .min(scale)
+        } else {
+            self.sample
+        };
+        if next == self.sample {
+            return None;
+        }
+        if next < scale {
+            tracing::warn!(
+                cpu_share = format!("{share:.2}"),
+                max_cpu = self.max_share,
+                sampled_per_1024 = next,
+                "over the CPU budget: decoding a sample of connections"
+            );
+        } else {
+            tracing::info!("back under the CPU budget: decoding every connection");
+        }
+        self.sample = next;
+        Some(next)
+    }
+}
+
+/// User + system CPU seconds of this process.
+fn own_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// Everywhere finished events go.
@@ -499,14 +670,16 @@ fn hello(config: &Config, pipeline: &Pipeline) -> bakeoff_proto::v1::ProbeHello 
     }
 }
 
-/// Attaches the per-syscall hooks while some cohort has a member, detaches them otherwise.
+/// Attaches the per-syscall hooks while some syscall-path cohort has a member, detaches them
+/// otherwise (cgroup cohorts on the cgroup path never need them).
 struct HookControl {
     always: bool,
+    via_cgroup: bool,
 }
 
 impl HookControl {
-    fn new(always: bool) -> Self {
-        Self { always }
+    fn new(always: bool, via_cgroup: bool) -> Self {
+        Self { always, via_cgroup }
     }
 
     fn update(
@@ -515,7 +688,8 @@ impl HookControl {
         pipeline: &mut Pipeline,
         cgroups: bool,
     ) -> Result<()> {
-        let wanted = self.always || cgroups || pipeline.process_count() > 0;
+        let wanted =
+            self.always || (cgroups && !self.via_cgroup) || pipeline.syscall_process_count() > 0;
         if wanted && !kernel.data_hooks_attached() {
             kernel.attach_data_hooks()?;
             pipeline.seed_all(kernel);

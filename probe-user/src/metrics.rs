@@ -28,11 +28,28 @@ pub struct ProbeCounters {
     pub events: AtomicU64,
     /// Kernel-side drops, indexed by `probe_common::drop_reason`.
     pub kernel_drops: [AtomicU64; probe_common::drop_reason::COUNT as usize],
+    /// Connections sampled in, out of `probe_common::SAMPLE_SCALE` (the CPU budget's doing).
+    pub sample: AtomicU64,
+    /// Connections tracked now.
+    pub connections: AtomicU64,
+    /// Estimated requests lost in stream gaps.
+    pub requests_lost_estimate: AtomicU64,
+    /// Processes per cohort, in cohort id order (index 0: cohort 1).
+    pub cohort_members: std::sync::Mutex<Vec<(String, u64)>>,
+    /// The probe's own CPU use over the last second, in thousandths of a core.
+    pub cpu_millicores: AtomicU64,
 }
 
 /// Names of the kernel drop reasons, in `probe_common::drop_reason` order.
-pub const KERNEL_DROP_REASONS: [&str; probe_common::drop_reason::COUNT as usize] =
-    ["ringbuf_full", "sockets_full", "calls_full", "read_user"];
+pub const KERNEL_DROP_REASONS: [&str; probe_common::drop_reason::COUNT as usize] = [
+    "ringbuf_full",
+    "sockets_full",
+    "calls_full",
+    "read_user",
+    "sampled_out_segment",
+    "segment_unparsed",
+    "sampled_out_connection",
+];
 
 /// Everything `/metrics` reports.
 #[derive(Debug)]
@@ -67,6 +84,44 @@ impl Collector for ProbeCollector {
         )?;
         for (reason, n) in KERNEL_DROP_REASONS.iter().zip(&self.counters.kernel_drops) {
             ConstCounter::new(g(n)).encode(drops.encode_family(&[("reason", *reason)])?)?;
+        }
+        let c = &self.counters;
+        gauge(
+            &mut enc,
+            "sampling_ratio_per_1024",
+            "Connections decoded, out of 1024: below 1024 the probe is over its --max-cpu budget \
+             and samples whole connections, equally in every cohort",
+            g(&c.sample),
+        )?;
+        gauge(
+            &mut enc,
+            "connections",
+            "Connections tracked",
+            g(&c.connections),
+        )?;
+        counter(
+            &mut enc,
+            "requests_lost_estimate",
+            "Estimated requests lost in stream gaps (lost records, TCP holes never filled)",
+            g(&c.requests_lost_estimate),
+        )?;
+        gauge(
+            &mut enc,
+            "cpu_millicores",
+            "The probe's CPU use over the last second, thousandths of a core",
+            g(&c.cpu_millicores),
+        )?;
+        if let Ok(members) = c.cohort_members.lock() {
+            let mut family = enc.encode_descriptor(
+                "cohort_members",
+                "Processes known per cohort (0 for a rule that matches nothing)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (cohort, n) in members.iter() {
+                ConstGauge::new(*n as i64)
+                    .encode(family.encode_family(&[("cohort", cohort.as_str())])?)?;
+            }
         }
         if let Some(s) = &self.export {
             counter(

@@ -3,12 +3,12 @@
 
 use std::collections::HashMap;
 
-use probe_common::{COHORT_NONE, EventKind, SockInfo, SockKey, conn_role, data_dir};
+use probe_common::{COHORT_NONE, EventKind, SockInfo, SockKey, conn_role, data_dir, tcp_flag};
 
 use crate::{
     clock::{Clock, rfc3339},
     cohort::{CgroupMatch, Cohorts, proc},
-    conn::{ConnExchange, ConnKey, ConnTable, Direction, Role, Unanswered},
+    conn::{ConnExchange, ConnKey, ConnTable, Direction, Role, SegmentRecord, Unanswered},
     event::RequestEvent,
     kernel::{Kernel, KernelError, record},
 };
@@ -41,6 +41,8 @@ impl Membership for Kernel {
 struct Process {
     cohort: u32,
     exe: String,
+    /// Watched through its cgroup's socket hooks (cgroup path), not the syscall tracepoints.
+    via_cgroup: bool,
 }
 
 /// Counters of the pipeline itself.
@@ -51,12 +53,18 @@ pub struct PipelineStats {
     pub events: u64,
     pub processes_adopted: u64,
     pub connections_seeded: u64,
+    /// Segments of a socket whose cgroup no cohort rule names (any more): not decoded.
+    pub segments_unknown_cgroup: u64,
 }
 
 pub struct Pipeline {
     cohorts: Cohorts,
     table: ConnTable,
     procs: HashMap<u32, Process>,
+    /// cgroup id -> cohort for the cgroup path: the matched directories and their descendants.
+    cgroup_cohorts: HashMap<u64, u32>,
+    /// Connections sampled in, out of `SAMPLE_SCALE` (see `set_sample`).
+    sample: u32,
     clock: Clock,
     experiment: String,
     node: String,
@@ -67,8 +75,10 @@ impl Pipeline {
     pub fn new(cohorts: Cohorts, experiment: String, node: String) -> Self {
         Self {
             cohorts,
-            table: ConnTable::new(),
+            table: ConnTable::default(),
             procs: HashMap::new(),
+            cgroup_cohorts: HashMap::new(),
+            sample: probe_common::SAMPLE_SCALE,
             clock: Clock::new(),
             experiment,
             node,
@@ -89,6 +99,71 @@ impl Pipeline {
         self.procs.len()
     }
 
+    /// Processes watched through the syscall tracepoints (they need those hooks attached).
+    pub fn syscall_process_count(&self) -> usize {
+        self.procs.values().filter(|p| !p.via_cgroup).count()
+    }
+
+    /// Bounds the connection table (memory budget).
+    pub fn set_max_connections(&mut self, max: usize) {
+        self.table = ConnTable::new(max);
+    }
+
+    /// Connections tracked now.
+    pub fn connections(&self) -> usize {
+        self.table.len()
+    }
+
+    /// The cgroup ids (with their cohorts) whose sockets the cgroup path decodes.
+    pub fn set_cgroup_cohorts(&mut self, ids: HashMap<u64, u32>) {
+        self.cgroup_cohorts = ids;
+    }
+
+    /// The kernel's current connection sampling (out of `SAMPLE_SCALE`): a connection of the
+    /// cgroup path that sampling cut off ends without error events for its pending requests.
+    pub fn set_sample(&mut self, sample: u32) {
+        self.sample = sample;
+    }
+
+    /// Follows the processes of the cgroup-path cohorts: registers new ones, forgets those that
+    /// exited (the syscall path learns both from the scheduler hooks). Call about once a second.
+    pub fn refresh_cgroup_processes(&mut self, cgroups: &[CgroupMatch]) {
+        self.procs.retain(|pid, p| {
+            !p.via_cgroup || std::path::Path::new(&format!("/proc/{pid}")).exists()
+        });
+        for g in cgroups {
+            for pid in proc::pids_in_cgroup(&g.dir) {
+                if !self.procs.contains_key(&pid) {
+                    self.register(pid, g.cohort, true);
+                }
+            }
+        }
+    }
+
+    /// Processes per cohort, every cohort listed (0 for a rule that matches nothing).
+    pub fn cohort_members(&self) -> Vec<(String, u64)> {
+        self.cohorts
+            .names()
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let id = i as u32 + 1;
+                let n = self.procs.values().filter(|p| p.cohort == id).count() as u64;
+                (name.clone(), n)
+            })
+            .collect()
+    }
+
+    /// Gives up on TCP holes that waited too long (call about once a second).
+    pub fn expire(&mut self, out: &mut Vec<RequestEvent>) {
+        let mut done = Vec::new();
+        self.table.expire(self.clock.monotonic_now(), &mut done);
+        self.stats.events += done.len() as u64;
+        for d in done {
+            out.push(self.event(d));
+        }
+    }
+
     /// Requests seen whose response has not completed.
     pub fn in_flight(&self) -> usize {
         self.table.in_flight()
@@ -96,7 +171,7 @@ impl Pipeline {
 
     /// Finds the processes that belong to a cohort at start: by the per-process rules over all
     /// of `/proc`, and by membership of the cohort cgroups. Later ones arrive by exec and fork.
-    pub fn scan(&mut self, m: &mut dyn Membership, cgroups: &[CgroupMatch]) {
+    pub fn scan(&mut self, m: &mut dyn Membership, cgroups: &[CgroupMatch], via_cgroup: bool) {
         if self.cohorts.needs_process_rules() {
             for pid in proc::all_pids() {
                 if !self.procs.contains_key(&pid)
@@ -109,7 +184,7 @@ impl Pipeline {
         for g in cgroups {
             for pid in proc::pids_in_cgroup(&g.dir) {
                 if !self.procs.contains_key(&pid) {
-                    self.register(pid, g.cohort);
+                    self.register(pid, g.cohort, via_cgroup);
                 }
             }
         }
@@ -118,15 +193,27 @@ impl Pipeline {
     /// Seeds the established connections of every known cohort process (after the data hooks
     /// were attached, so nothing falls between the scan and the hooks).
     pub fn seed_all(&mut self, m: &mut dyn Membership) {
-        let procs: Vec<(u32, u32)> = self.procs.iter().map(|(p, i)| (*p, i.cohort)).collect();
+        let procs: Vec<(u32, u32)> = self
+            .procs
+            .iter()
+            .filter(|(_, i)| !i.via_cgroup)
+            .map(|(p, i)| (*p, i.cohort))
+            .collect();
         for (pid, cohort) in procs {
             self.seed(pid, cohort, m);
         }
     }
 
-    fn register(&mut self, tgid: u32, cohort: u32) {
+    fn register(&mut self, tgid: u32, cohort: u32, via_cgroup: bool) {
         let exe = proc::exe_of(tgid).unwrap_or_default();
-        self.procs.insert(tgid, Process { cohort, exe });
+        self.procs.insert(
+            tgid,
+            Process {
+                cohort,
+                exe,
+                via_cgroup,
+            },
+        );
     }
 
     /// Puts a process in a cohort (kernel map + registry).
@@ -136,7 +223,7 @@ impl Pipeline {
             return;
         }
         self.stats.processes_adopted += 1;
-        self.register(tgid, cohort);
+        self.register(tgid, cohort, false);
         tracing::info!(
             pid = tgid,
             cohort = self.cohorts.name(cohort),
@@ -168,8 +255,15 @@ impl Pipeline {
                 _pad: 0,
             };
             if m.track_socket(SockKey { tgid, fd: s.fd }, info).is_ok() {
-                self.table
-                    .open((tgid, s.fd), role, cohort, Some(s.peer), true, &mut done);
+                self.table.open(
+                    ConnKey::Fd { tgid, fd: s.fd },
+                    tgid,
+                    Some(role),
+                    cohort,
+                    Some(s.peer),
+                    true,
+                    &mut done,
+                );
                 self.stats.connections_seeded += 1;
             }
         }
@@ -221,6 +315,7 @@ impl Pipeline {
                         Process {
                             cohort: e.cohort,
                             exe,
+                            via_cgroup: false,
                         },
                     );
                 }
@@ -234,23 +329,46 @@ impl Pipeline {
             record::Record::Conn(e) => {
                 let tgid = e.header.tgid;
                 if !self.procs.contains_key(&tgid) && e.cohort != COHORT_NONE {
-                    self.register(tgid, e.cohort);
+                    self.register(tgid, e.cohort, false);
                 }
-                let role = if e.role == conn_role::SERVER {
-                    Role::Server
-                } else {
-                    Role::Client
-                };
                 let peer = record::peer(&e).or_else(|| proc::peer_of(tgid, e.fd));
-                unanswered = self
-                    .table
-                    .open((tgid, e.fd), role, e.cohort, peer, false, &mut done);
+                unanswered = self.table.open(
+                    ConnKey::Fd { tgid, fd: e.fd },
+                    tgid,
+                    Some(role_of(e.role)),
+                    e.cohort,
+                    peer,
+                    false,
+                    &mut done,
+                );
             }
             record::Record::Close(e) => {
-                unanswered = self.table.close((e.header.tgid, e.fd), &mut done);
+                let key = ConnKey::Fd {
+                    tgid: e.header.tgid,
+                    fd: e.fd,
+                };
+                unanswered = self.table.close(key, false, &mut done);
             }
             record::Record::Data(h, payload) => {
-                let key: ConnKey = (h.header.tgid, h.fd);
+                let tgid = h.header.tgid;
+                let key = ConnKey::Fd { tgid, fd: h.fd };
+                if !self.table.contains(key) {
+                    // Its open record was lost (or it predates the hooks): adopt it from here;
+                    // the decoder finds the next message start.
+                    if !self.procs.contains_key(&tgid) && h.cohort != COHORT_NONE {
+                        self.register(tgid, h.cohort, false);
+                    }
+                    let peer = proc::peer_of(tgid, h.fd);
+                    unanswered = self.table.open(
+                        key,
+                        tgid,
+                        Some(role_of(u32::from(h.role))),
+                        h.cohort,
+                        peer,
+                        true,
+                        &mut done,
+                    );
+                }
                 let dir = if h.direction == data_dir::INGRESS {
                     Direction::Ingress
                 } else {
@@ -258,6 +376,47 @@ impl Pipeline {
                 };
                 self.table
                     .data(key, h.header.ts_ns, dir, h.seq, payload, h.len, &mut done);
+            }
+            record::Record::Segment(h, payload) => {
+                let Some(&cohort) = self.cgroup_cohorts.get(&h.cgroup) else {
+                    self.stats.segments_unknown_cgroup += 1;
+                    return;
+                };
+                let tgid = h.header.tgid;
+                if tgid != 0 && !self.procs.contains_key(&tgid) {
+                    self.register(tgid, cohort, true);
+                }
+                let (_, remote) = record::segment_addrs(&h);
+                let seg = SegmentRecord {
+                    tgid,
+                    cohort,
+                    dir: if h.direction == data_dir::INGRESS {
+                        Direction::Ingress
+                    } else {
+                        Direction::Egress
+                    },
+                    ts: h.header.ts_ns,
+                    seq: h.seq,
+                    len: h.len,
+                    prefix: payload,
+                    syn: h.flags & tcp_flag::SYN != 0,
+                    ack: h.flags & tcp_flag::ACK != 0,
+                    fin: h.flags & tcp_flag::FIN != 0,
+                    rst: h.flags & tcp_flag::RST != 0,
+                    peer: remote,
+                };
+                unanswered = self
+                    .table
+                    .segment(ConnKey::Socket(h.cookie), &seg, &mut done);
+            }
+            record::Record::Release(e) => {
+                let key = ConnKey::Socket(e.cookie);
+                if probe_common::sampled_in(e.cookie, self.sample) {
+                    unanswered = self.table.close(key, false, &mut done);
+                } else {
+                    // Sampling cut this connection off: what it had pending is not an error.
+                    self.table.forget(key, &mut done);
+                }
             }
         }
         self.stats.events += (done.len() + unanswered.len()) as u64;
@@ -336,7 +495,14 @@ impl Pipeline {
         RequestEvent {
             method: u.request.method,
             path: u.request.path,
-            error: Some("connection closed before the response".to_string()),
+            error: Some(
+                if u.reset {
+                    "connection reset before the response"
+                } else {
+                    "connection closed before the response"
+                }
+                .to_string(),
+            ),
             start_time: rfc3339(start),
             start_unix_ns: start,
             request_id: u.request.request_id,
@@ -344,5 +510,13 @@ impl Pipeline {
             user_agent: u.request.user_agent,
             ..self.base_event(u.tgid, u.cohort, u.role, u.peer)
         }
+    }
+}
+
+fn role_of(role: u32) -> Role {
+    if role == conn_role::SERVER {
+        Role::Server
+    } else {
+        Role::Client
     }
 }

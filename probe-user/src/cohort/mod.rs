@@ -179,6 +179,54 @@ impl Cohorts {
     }
 }
 
+/// Where the cgroup data path attaches and which socket cgroups it decodes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CgroupPlan {
+    /// Top-most matched directories: a cgroup's programs also run for its descendants'
+    /// sockets, so nested matches need no attachment of their own.
+    pub attach: Vec<PathBuf>,
+    /// cgroup id -> cohort for every matched directory and its descendants (a pod's containers
+    /// are sub-cgroups of the pod's directory).
+    pub ids: std::collections::HashMap<u64, u32>,
+}
+
+/// The plan for `matches` (from [`Cohorts::cgroups`]).
+pub fn cgroup_plan(matches: &[CgroupMatch]) -> CgroupPlan {
+    let mut plan = CgroupPlan::default();
+    for m in matches {
+        if !matches
+            .iter()
+            .any(|o| o.dir != m.dir && m.dir.starts_with(&o.dir))
+        {
+            plan.attach.push(m.dir.clone());
+        }
+    }
+    plan.attach.sort();
+    // Deeper matches name their own cohort; walk shallow ones first so deeper ones win.
+    let mut ordered: Vec<&CgroupMatch> = matches.iter().collect();
+    ordered.sort_by_key(|m| m.dir.components().count());
+    for m in ordered {
+        let mut stack = vec![(m.dir.clone(), 0usize)];
+        while let Some((dir, depth)) = stack.pop() {
+            if let Ok(meta) = std::fs::metadata(&dir) {
+                plan.ids.insert(meta.ino(), m.cohort);
+            }
+            if depth >= 16 {
+                continue;
+            }
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push((entry.path(), depth + 1));
+                }
+            }
+        }
+    }
+    plan
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +236,39 @@ mod tests {
             name: name.into(),
             ..CohortRule::default()
         }
+    }
+
+    #[test]
+    fn cgroup_plan_attaches_top_most_and_maps_descendants() {
+        let root = std::env::temp_dir().join(format!("bakeoff-plan-{}", std::process::id()));
+        let pod = root.join("pod");
+        std::fs::create_dir_all(pod.join("container-a")).unwrap();
+        std::fs::create_dir_all(root.join("other")).unwrap();
+        let id = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        let matches = vec![
+            CgroupMatch {
+                id: id(&pod),
+                cohort: 1,
+                dir: pod.clone(),
+            },
+            CgroupMatch {
+                id: id(&pod.join("container-a")),
+                cohort: 2,
+                dir: pod.join("container-a"),
+            },
+            CgroupMatch {
+                id: id(&root.join("other")),
+                cohort: 3,
+                dir: root.join("other"),
+            },
+        ];
+        let plan = cgroup_plan(&matches);
+        assert_eq!(plan.attach, vec![root.join("other"), pod.clone()]);
+        assert_eq!(plan.ids.get(&id(&pod)), Some(&1));
+        assert_eq!(plan.ids.get(&id(&pod.join("container-a"))), Some(&2));
+        assert_eq!(plan.ids.get(&id(&root.join("other"))), Some(&3));
+        assert_eq!(plan.ids.len(), 3);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

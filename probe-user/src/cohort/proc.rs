@@ -173,22 +173,72 @@ pub fn established_sockets(pid: u32) -> Vec<SeedSocket> {
 }
 
 /// Peer address of one socket fd of a process (for accepts whose address the kernel program
-/// did not see).
+/// did not see, and connections adopted from their data). O(1): the socket is borrowed with
+/// `pidfd_getfd` and asked with `getpeername`, never found by scanning `/proc/<pid>/net/tcp`
+/// (which grows with every TIME_WAIT socket on the host).
 pub fn peer_of(pid: u32, fd: u32) -> Option<SocketAddr> {
-    let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
-    let target = target.to_string_lossy();
-    let inode: u64 = target
-        .strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()?;
-    ["tcp", "tcp6"].iter().find_map(|file| {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).ok()?;
-        parse_proc_net_tcp(&text)
-            .into_iter()
-            .find(|(i, _)| *i == inode)
-            .map(|(_, e)| e.remote)
-    })
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain syscalls; each returned fd is owned and closed on drop.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if pidfd < 0 {
+        return None;
+    }
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let sock = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_getfd,
+            pidfd.as_raw_fd(),
+            fd as libc::c_int,
+            0,
+        )
+    };
+    if sock < 0 {
+        return None;
+    }
+    let sock = unsafe { OwnedFd::from_raw_fd(sock as i32) };
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: storage is large enough for any address; len tells the kernel its size.
+    let ret = unsafe {
+        libc::getpeername(
+            sock.as_raw_fd(),
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return None;
+    }
+    sockaddr_to_std(&storage)
+}
+
+/// A `sockaddr_storage` holding an IPv4 or IPv6 address, as a `SocketAddr` (IPv4-mapped IPv6
+/// addresses as IPv4).
+fn sockaddr_to_std(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    use std::net::{IpAddr, Ipv6Addr};
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a: libc::sockaddr_in =
+                unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
+            Some(SocketAddr::new(
+                IpAddr::V4(u32::from_be(a.sin_addr.s_addr).into()),
+                u16::from_be(a.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
+            let v6 = Ipv6Addr::from(a.sin6_addr.s6_addr);
+            let ip = match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            };
+            Some(SocketAddr::new(ip, u16::from_be(a.sin6_port)))
+        }
+        _ => None,
+    }
 }
 
 /// Parses `/proc/net/tcp` or `tcp6` into inode -> entry.
@@ -271,5 +321,15 @@ mod tests {
             .find(|s| s.fd == client.as_raw_fd() as u32)
             .unwrap();
         assert!(!c.server);
+        // The peer of one fd, without scanning the socket tables.
+        assert_eq!(
+            peer_of(std::process::id(), server.as_raw_fd() as u32),
+            Some(client.local_addr().unwrap())
+        );
+        assert_eq!(
+            peer_of(std::process::id(), client.as_raw_fd() as u32),
+            Some(listener.local_addr().unwrap())
+        );
+        assert_eq!(peer_of(std::process::id(), 1_000_000), None);
     }
 }

@@ -1,12 +1,22 @@
-//! The connection table: per (tgid, fd) state, fed by kernel socket and data events in order,
-//! producing complete exchanges.
+//! The connection table: per-connection state fed by the kernel's records, turned into each
+//! direction's byte stream (`stream::Piece`) and decoded into complete exchanges.
+//!
+//! Connections come from either kernel path: the syscall path keys them by (tgid, fd) and sees
+//! one record per read or write; the cgroup path keys them by socket cookie and sees TCP
+//! segments, put back in order per direction by `stream::tcp`.
 
 use std::{collections::HashMap, net::SocketAddr};
 
-use crate::protocol::{
-    Exchange, Http1Exchange,
-    exchange::Anomaly,
-    http1::{Head, Side, starts_message},
+use crate::{
+    protocol::{
+        Exchange, Http1Exchange,
+        exchange::Anomaly,
+        http1::{Head, Side, starts_message},
+    },
+    stream::{
+        Piece,
+        tcp::{Limits, Reassembler, ReassemblyStats, Segment},
+    },
 };
 
 /// Which end of the connection the watched process is.
@@ -25,6 +35,15 @@ pub enum Direction {
     Egress,
 }
 
+impl Direction {
+    fn index(self) -> usize {
+        match self {
+            Direction::Ingress => 0,
+            Direction::Egress => 1,
+        }
+    }
+}
+
 impl Role {
     fn side_of(self, dir: Direction) -> Side {
         match (self, dir) {
@@ -32,18 +51,34 @@ impl Role {
             _ => Side::Response,
         }
     }
+
+    /// The role of the process when bytes in `dir` start a request.
+    fn requesting_in(dir: Direction) -> Self {
+        match dir {
+            Direction::Ingress => Role::Server,
+            Direction::Egress => Role::Client,
+        }
+    }
 }
 
-/// Connection key: the kernel tracks sockets per (tgid, fd).
-pub type ConnKey = (u32, u32);
+/// Connection key: (tgid, fd) on the syscall path, the socket cookie on the cgroup path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConnKey {
+    Fd { tgid: u32, fd: u32 },
+    Socket(u64),
+}
 
-/// How many segments of a connection seen mid-way (seeded from /proc) may pass before the probe
-/// stops looking for a request start in it.
-const SEEDED_ATTEMPTS: u32 = 64;
+/// How many pieces of a connection seen mid-way may pass before the probe stops looking for a
+/// request start in it.
+const MIDSTREAM_ATTEMPTS: u32 = 64;
+
+/// Default bound of the connection table (memory: a few hundred bytes per idle connection,
+/// plus reassembly buffers, each bounded by `tcp::Limits`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 
 #[derive(Debug)]
 enum Proto {
-    /// Nothing decided yet; for seeded connections, counts segments tried.
+    /// Nothing decided yet; for connections seen mid-way, counts pieces tried.
     Unknown {
         tried: u32,
     },
@@ -52,37 +87,48 @@ enum Proto {
     Other,
 }
 
+/// What a connection's decoder has seen per side, to estimate requests lost in a gap.
+#[derive(Clone, Copy, Debug, Default)]
+struct SideHistory {
+    bytes: u64,
+    pieces: u64,
+}
+
+/// A connection's identity, as events carry it.
+#[derive(Debug)]
+struct Meta {
+    tgid: u32,
+    /// Unknown until a SYN or the first request bytes show it (cgroup path, mid-stream).
+    role: Option<Role>,
+    cohort: u32,
+    peer: Option<SocketAddr>,
+    /// Seen mid-way: adopted from its data rather than opened while watched.
+    midstream: bool,
+}
+
+/// The decoding state of a connection.
+#[derive(Debug)]
+struct Decoder {
+    proto: Proto,
+    history: [SideHistory; 2],
+    exchanges: u64,
+}
+
 /// One tracked connection.
 #[derive(Debug)]
 pub struct Conn {
-    pub role: Role,
-    pub cohort: u32,
-    pub peer: Option<SocketAddr>,
-    /// Seen mid-way: found in /proc at start rather than accepted or connected while watched.
-    pub seeded: bool,
+    meta: Meta,
+    decoder: Decoder,
+    /// Syscall path: last per-socket record number.
     last_seq: u32,
-    proto: Proto,
-}
-
-impl Conn {
-    /// An exchange of this connection, with the connection's identity attached.
-    fn labelled(&self, key: ConnKey, exchange: Exchange) -> ConnExchange {
-        ConnExchange {
-            tgid: key.0,
-            fd: key.1,
-            cohort: self.cohort,
-            role: self.role,
-            peer: self.peer,
-            exchange,
-        }
-    }
+    /// Cgroup path: one reassembler per direction.
+    streams: Option<Box<[Reassembler; 2]>>,
 }
 
 /// A complete exchange with the connection it happened on.
 #[derive(Clone, Debug)]
 pub struct ConnExchange {
     pub tgid: u32,
-    pub fd: u32,
     pub cohort: u32,
     pub role: Role,
     pub peer: Option<SocketAddr>,
@@ -93,6 +139,11 @@ pub struct ConnExchange {
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ConnStats {
     pub connections: u64,
+    /// Connections first seen by their data (their open record was lost, or they were open
+    /// before the probe started): tracked from there, resynchronised at a message start.
+    pub connections_adopted: u64,
+    /// Connections not tracked because the table was full (`max_connections`).
+    pub connections_over_limit: u64,
     pub non_http_connections: u64,
     pub requests_dropped_desync: u64,
     pub desync_head_truncated: u64,
@@ -103,17 +154,33 @@ pub struct ConnStats {
     /// Messages whose body framing fell into uncaptured bytes; their end came from turn-taking.
     pub messages_ended_at_turn: u64,
     pub unanswered_requests: u64,
-    pub data_on_unknown_socket: u64,
+    /// Gaps in a connection's byte stream (lost records, or TCP holes never filled).
+    pub stream_gaps: u64,
+    /// Estimate of requests lost in gaps: requests in flight given up, plus whole requests the
+    /// missing bytes (or records) held, from the connection's average request size.
+    pub requests_lost_estimate: u64,
+    /// Requests pending on connections that sampling (the CPU budget) cut off.
+    pub requests_sampled_out: u64,
+    /// TCP reassembly (cgroup path), summed over connections.
+    pub reassembly: ReassemblyStats,
 }
 
 /// All tracked connections.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ConnTable {
     conns: HashMap<ConnKey, Conn>,
+    max_connections: usize,
+    limits: Limits,
     pub stats: ConnStats,
 }
 
-/// A request the connection closed on before its response completed.
+impl Default for ConnTable {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_CONNECTIONS)
+    }
+}
+
+/// A request the connection closed (or was reset) on before its response completed.
 #[derive(Clone, Debug)]
 pub struct Unanswered {
     pub tgid: u32,
@@ -122,41 +189,254 @@ pub struct Unanswered {
     pub peer: Option<SocketAddr>,
     pub request: Head,
     pub start_ts: u64,
+    /// The connection was reset (RST), not closed.
+    pub reset: bool,
+}
+
+/// A TCP segment record of the cgroup path, as the table needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct SegmentRecord<'a> {
+    pub tgid: u32,
+    pub cohort: u32,
+    pub dir: Direction,
+    pub ts: u64,
+    pub seq: u32,
+    pub len: u32,
+    pub prefix: &'a [u8],
+    pub syn: bool,
+    pub ack: bool,
+    pub fin: bool,
+    pub rst: bool,
+    pub peer: SocketAddr,
+}
+
+impl Decoder {
+    fn new() -> Self {
+        Self {
+            proto: Proto::Unknown { tried: 0 },
+            history: [SideHistory::default(); 2],
+            exchanges: 0,
+        }
+    }
+
+    /// Decodes one piece of the stream in `dir`.
+    fn feed(
+        &mut self,
+        meta: &mut Meta,
+        dir: Direction,
+        piece: Piece<'_>,
+        stats: &mut ConnStats,
+        done: &mut Vec<Exchange>,
+    ) {
+        match piece {
+            Piece::Gap { bytes } => self.gap(meta, dir, bytes, None, stats),
+            Piece::Data { ts, len, prefix } => {
+                if let Proto::Unknown { tried } = &mut self.proto {
+                    match meta.role {
+                        None => {
+                            // Role unknown (seen mid-way, no SYN): the side that starts a request
+                            // is the client.
+                            if starts_message(Side::Request, prefix) && !prefix.is_empty() {
+                                meta.role = Some(Role::requesting_in(dir));
+                                self.proto = Proto::Http1(Box::default());
+                            } else {
+                                *tried += 1;
+                                if *tried >= MIDSTREAM_ATTEMPTS {
+                                    self.proto = Proto::Other;
+                                    stats.non_http_connections += 1;
+                                }
+                                return;
+                            }
+                        }
+                        Some(role) => {
+                            let side = role.side_of(dir);
+                            if side == Side::Request && !prefix.is_empty() {
+                                if starts_message(Side::Request, prefix) {
+                                    self.proto = Proto::Http1(Box::default());
+                                } else if !meta.midstream || *tried >= MIDSTREAM_ATTEMPTS {
+                                    self.proto = Proto::Other;
+                                    stats.non_http_connections += 1;
+                                } else {
+                                    *tried += 1;
+                                }
+                            } else if side == Side::Response && !meta.midstream {
+                                // The server spoke first: not HTTP/1 (Postgres, SMTP, ...).
+                                self.proto = Proto::Other;
+                                stats.non_http_connections += 1;
+                            }
+                        }
+                    }
+                }
+                let (Proto::Http1(http), Some(role)) = (&mut self.proto, meta.role) else {
+                    return;
+                };
+                let side = role.side_of(dir);
+                let h = &mut self.history[side_index(side)];
+                h.bytes += len;
+                h.pieces += 1;
+                let mut anomalies = Vec::new();
+                let before = done.len();
+                match side {
+                    Side::Request => http.on_request_bytes(ts, prefix, len, done, &mut anomalies),
+                    Side::Response => http.on_response_bytes(ts, prefix, len, done, &mut anomalies),
+                }
+                self.exchanges += (done.len() - before) as u64;
+                count(stats, &anomalies);
+            }
+        }
+    }
+
+    /// Part of the stream in `dir` is missing: `bytes` when known, else `records` lost.
+    fn gap(
+        &mut self,
+        meta: &Meta,
+        dir: Direction,
+        bytes: Option<u64>,
+        records: Option<u64>,
+        stats: &mut ConnStats,
+    ) {
+        stats.stream_gaps += 1;
+        let Proto::Http1(http) = &mut self.proto else {
+            // Not decoding yet: the next request start is found as for a connection seen
+            // mid-way.
+            return;
+        };
+        let mut anomalies = Vec::new();
+        http.events_lost(&mut anomalies);
+        count(stats, &anomalies);
+        // Whole requests inside a request-side gap, from this connection's averages.
+        if meta.role.map(|r| r.side_of(dir)) == Some(Side::Request) {
+            let h = self.history[side_index(Side::Request)];
+            let per_request = |total: u64| total as f64 / self.exchanges.max(1) as f64;
+            let estimate = match (bytes, records) {
+                (Some(b), _) if self.exchanges > 0 && h.bytes > 0 => {
+                    (b as f64 / per_request(h.bytes)).round() as u64
+                }
+                (None, Some(r)) if self.exchanges > 0 && h.pieces > 0 => {
+                    (r as f64 / per_request(h.pieces)).round() as u64
+                }
+                _ => 1,
+            };
+            stats.requests_lost_estimate += estimate;
+        }
+    }
+}
+
+fn side_index(side: Side) -> usize {
+    match side {
+        Side::Request => 0,
+        Side::Response => 1,
+    }
+}
+
+fn count(stats: &mut ConnStats, anomalies: &[Anomaly]) {
+    for a in anomalies {
+        match a {
+            Anomaly::Desync {
+                reason, dropped, ..
+            } => {
+                use crate::protocol::http1::DesyncReason as R;
+                stats.requests_dropped_desync += *dropped as u64;
+                stats.requests_lost_estimate += *dropped as u64;
+                *match reason {
+                    R::HeadTruncated => &mut stats.desync_head_truncated,
+                    R::Malformed => &mut stats.desync_malformed,
+                    R::ChunkTruncated => &mut stats.desync_chunk_truncated,
+                    R::EventsLost => &mut stats.desync_events_lost,
+                } += 1;
+            }
+            Anomaly::UnmatchedResponse => stats.unmatched_responses += 1,
+            Anomaly::EndedAtTurn(_) => stats.messages_ended_at_turn += 1,
+        }
+    }
+}
+
+impl Conn {
+    fn labelled(meta: &Meta, exchanges: Vec<Exchange>, done: &mut Vec<ConnExchange>) {
+        let Some(role) = meta.role else { return };
+        done.extend(exchanges.into_iter().map(|exchange| ConnExchange {
+            tgid: meta.tgid,
+            cohort: meta.cohort,
+            role,
+            peer: meta.peer,
+            exchange,
+        }));
+    }
 }
 
 impl ConnTable {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(max_connections: usize) -> Self {
+        Self {
+            conns: HashMap::new(),
+            max_connections,
+            limits: Limits::default(),
+            stats: ConnStats::default(),
+        }
     }
 
-    /// A socket was accepted or connected (or found at start, `seeded`). A previous connection on
-    /// the same fd is closed first (its close event may have been lost).
+    pub fn contains(&self, key: ConnKey) -> bool {
+        self.conns.contains_key(&key)
+    }
+
+    /// Tracked connections.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// A socket was accepted or connected (or found mid-way, `midstream`). A previous
+    /// connection under the same key is closed first (its close record may have been lost).
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         &mut self,
         key: ConnKey,
-        role: Role,
+        tgid: u32,
+        role: Option<Role>,
         cohort: u32,
         peer: Option<SocketAddr>,
-        seeded: bool,
+        midstream: bool,
         done: &mut Vec<ConnExchange>,
     ) -> Vec<Unanswered> {
-        let unanswered = self.close(key, done);
+        let unanswered = self.close(key, false, done);
+        if self.conns.len() >= self.max_connections {
+            self.stats.connections_over_limit += 1;
+            return unanswered;
+        }
         self.stats.connections += 1;
+        // On the cgroup path every accepted connection starts at its first data (the
+        // handshake belongs to the listener): only the syscall path's adoptions are news.
+        if midstream && matches!(key, ConnKey::Fd { .. }) {
+            self.stats.connections_adopted += 1;
+        }
+        let streams = matches!(key, ConnKey::Socket(_)).then(|| {
+            Box::new([
+                Reassembler::new(self.limits.clone()),
+                Reassembler::new(self.limits.clone()),
+            ])
+        });
         self.conns.insert(
             key,
             Conn {
-                role,
-                cohort,
-                peer,
-                seeded,
+                meta: Meta {
+                    tgid,
+                    role,
+                    cohort,
+                    peer,
+                    midstream,
+                },
+                decoder: Decoder::new(),
                 last_seq: 0,
-                proto: Proto::Unknown { tried: 0 },
+                streams,
             },
         );
         unanswered
     }
 
-    /// Bytes moved on a tracked socket. `seq` is the kernel's per-socket event number.
+    /// Bytes moved by one read or write (syscall path). `seq` is the kernel's per-socket record
+    /// number: a jump means records were lost.
     #[allow(clippy::too_many_arguments)]
     pub fn data(
         &mut self,
@@ -168,106 +448,231 @@ impl ConnTable {
         len: u64,
         done: &mut Vec<ConnExchange>,
     ) {
-        let Some(conn) = self.conns.get_mut(&key) else {
-            self.stats.data_on_unknown_socket += 1;
+        let Self { conns, stats, .. } = self;
+        let Some(conn) = conns.get_mut(&key) else {
             return;
         };
-        let mut anomalies = Vec::new();
-        let lost = conn.last_seq != 0 && seq != conn.last_seq.wrapping_add(1);
+        let lost = if conn.last_seq != 0 {
+            seq.wrapping_sub(conn.last_seq).wrapping_sub(1)
+        } else {
+            0
+        };
         conn.last_seq = seq;
-        let side = conn.role.side_of(dir);
-        if let Proto::Unknown { tried } = &mut conn.proto {
-            if side == Side::Request && !data.is_empty() {
-                if starts_message(Side::Request, data) {
-                    conn.proto = Proto::Http1(Box::default());
-                } else if !conn.seeded || *tried >= SEEDED_ATTEMPTS {
-                    conn.proto = Proto::Other;
-                    self.stats.non_http_connections += 1;
-                } else {
-                    *tried += 1;
-                }
-            } else if side == Side::Response && !conn.seeded {
-                // The server spoke first: not HTTP/1 (Postgres, SMTP, ...).
-                conn.proto = Proto::Other;
-                self.stats.non_http_connections += 1;
-            }
-        }
-        let Proto::Http1(http) = &mut conn.proto else {
-            return;
-        };
-        if lost {
-            http.events_lost(&mut anomalies);
+        if lost != 0 && lost < u32::MAX / 2 {
+            conn.decoder
+                .gap(&conn.meta, dir, None, Some(u64::from(lost)), stats);
         }
         let mut exchanges = Vec::new();
-        match side {
-            Side::Request => http.on_request_bytes(ts, data, len, &mut exchanges, &mut anomalies),
-            Side::Response => http.on_response_bytes(ts, data, len, &mut exchanges, &mut anomalies),
-        }
-        done.extend(exchanges.into_iter().map(|x| conn.labelled(key, x)));
-        self.count(&anomalies);
+        conn.decoder.feed(
+            &mut conn.meta,
+            dir,
+            Piece::Data {
+                ts,
+                len,
+                prefix: data,
+            },
+            stats,
+            &mut exchanges,
+        );
+        Conn::labelled(&conn.meta, exchanges, done);
     }
 
-    fn count(&mut self, anomalies: &[Anomaly]) {
-        for a in anomalies {
-            match a {
-                Anomaly::Desync {
-                    reason, dropped, ..
-                } => {
-                    use crate::protocol::http1::DesyncReason as R;
-                    self.stats.requests_dropped_desync += *dropped as u64;
-                    *match reason {
-                        R::HeadTruncated => &mut self.stats.desync_head_truncated,
-                        R::Malformed => &mut self.stats.desync_malformed,
-                        R::ChunkTruncated => &mut self.stats.desync_chunk_truncated,
-                        R::EventsLost => &mut self.stats.desync_events_lost,
-                    } += 1;
-                }
-                Anomaly::UnmatchedResponse => self.stats.unmatched_responses += 1,
-                Anomaly::EndedAtTurn(_) => self.stats.messages_ended_at_turn += 1,
+    /// One TCP segment (cgroup path). A connection not yet known is adopted; its role comes from
+    /// the SYN when one was seen, else from which side sends a request. A reset closes it.
+    pub fn segment(
+        &mut self,
+        key: ConnKey,
+        seg: &SegmentRecord<'_>,
+        done: &mut Vec<ConnExchange>,
+    ) -> Vec<Unanswered> {
+        if !self.conns.contains_key(&key) {
+            // A SYN reaching a listener, or a SYN-ACK leaving it, belongs to the listening
+            // socket: the accepted socket is a new one, first seen at its data.
+            let handshake_of_listener = seg.syn && (seg.dir == Direction::Ingress) != seg.ack;
+            if seg.rst || (seg.len == 0 && !seg.syn) || handshake_of_listener {
+                return Vec::new();
+            }
+            // Our SYN leaving, or the peer's SYN-ACK arriving: we connected.
+            let role = seg.syn.then_some(Role::Client);
+            let unanswered = self.open(
+                key,
+                seg.tgid,
+                role,
+                seg.cohort,
+                Some(seg.peer),
+                !seg.syn,
+                done,
+            );
+            if !self.conns.contains_key(&key) {
+                return unanswered;
             }
         }
+        let Self { conns, stats, .. } = self;
+        let Some(conn) = conns.get_mut(&key) else {
+            return Vec::new();
+        };
+        if conn.meta.tgid == 0 && seg.tgid != 0 {
+            conn.meta.tgid = seg.tgid;
+        }
+        let Conn {
+            meta,
+            decoder,
+            streams,
+            ..
+        } = conn;
+        let Some(streams) = streams.as_mut() else {
+            return Vec::new();
+        };
+        let mut exchanges = Vec::new();
+        let reassembler = &mut streams[seg.dir.index()];
+        let before = reassembler.stats().clone();
+        reassembler.push(
+            &Segment {
+                seq: seg.seq,
+                len: seg.len,
+                prefix: seg.prefix,
+                ts: seg.ts,
+                syn: seg.syn,
+                fin: seg.fin,
+                rst: seg.rst,
+            },
+            &mut |piece| decoder.feed(meta, seg.dir, piece, stats, &mut exchanges),
+        );
+        add_reassembly(&mut stats.reassembly, &before, reassembler.stats());
+        Conn::labelled(meta, exchanges, done);
+        if seg.rst {
+            return self.close(key, true, done);
+        }
+        Vec::new()
     }
 
-    /// The socket was closed: finish what the close completes and return requests left
-    /// unanswered.
-    pub fn close(&mut self, key: ConnKey, done: &mut Vec<ConnExchange>) -> Vec<Unanswered> {
+    /// Gives up on TCP holes older than the reassembly timeout (called periodically).
+    pub fn expire(&mut self, now: u64, done: &mut Vec<ConnExchange>) {
+        let Self { conns, stats, .. } = self;
+        for conn in conns.values_mut() {
+            let Conn {
+                meta,
+                decoder,
+                streams,
+                ..
+            } = conn;
+            let Some(streams) = streams.as_mut() else {
+                continue;
+            };
+            let mut exchanges = Vec::new();
+            for (i, r) in streams.iter_mut().enumerate() {
+                if r.buffered_bytes() == 0 {
+                    continue;
+                }
+                let dir = if i == 0 {
+                    Direction::Ingress
+                } else {
+                    Direction::Egress
+                };
+                let before = r.stats().clone();
+                r.expire(now, &mut |piece| {
+                    decoder.feed(meta, dir, piece, stats, &mut exchanges)
+                });
+                add_reassembly(&mut stats.reassembly, &before, r.stats());
+            }
+            Conn::labelled(meta, exchanges, done);
+        }
+    }
+
+    /// The socket was closed (or reset): finish what the close completes and return requests
+    /// left unanswered.
+    pub fn close(
+        &mut self,
+        key: ConnKey,
+        reset: bool,
+        done: &mut Vec<ConnExchange>,
+    ) -> Vec<Unanswered> {
         let Some(mut conn) = self.conns.remove(&key) else {
             return Vec::new();
         };
-        let Proto::Http1(http) = &mut conn.proto else {
+        let Conn {
+            meta,
+            decoder,
+            streams,
+            ..
+        } = &mut conn;
+        let mut exchanges = Vec::new();
+        if let Some(streams) = streams.as_mut() {
+            for (i, r) in streams.iter_mut().enumerate() {
+                let dir = if i == 0 {
+                    Direction::Ingress
+                } else {
+                    Direction::Egress
+                };
+                let before = r.stats().clone();
+                r.finish(&mut |piece| {
+                    decoder.feed(meta, dir, piece, &mut self.stats, &mut exchanges)
+                });
+                add_reassembly(&mut self.stats.reassembly, &before, r.stats());
+            }
+        }
+        let (Proto::Http1(http), Some(role)) = (&mut decoder.proto, meta.role) else {
+            Conn::labelled(meta, exchanges, done);
             return Vec::new();
         };
-        let mut exchanges = Vec::new();
         let unanswered = http.close(&mut exchanges);
-        done.extend(exchanges.into_iter().map(|x| conn.labelled(key, x)));
+        Conn::labelled(meta, exchanges, done);
         self.stats.unanswered_requests += unanswered.len() as u64;
         unanswered
             .into_iter()
             .map(|(request, start_ts)| Unanswered {
-                tgid: key.0,
-                cohort: conn.cohort,
-                role: conn.role,
-                peer: conn.peer,
+                tgid: meta.tgid,
+                cohort: meta.cohort,
+                role,
+                peer: meta.peer,
                 request,
                 start_ts,
+                reset,
             })
             .collect()
     }
 
-    /// A process exited: its connections are gone (the kernel closes them without a close call).
+    /// Forgets a connection that sampling cut off: exchanges it completes count, requests it had
+    /// pending are counted as sampled out, not reported unanswered.
+    pub fn forget(&mut self, key: ConnKey, done: &mut Vec<ConnExchange>) {
+        let unanswered = self.close(key, false, done);
+        self.stats.unanswered_requests -= unanswered.len() as u64;
+        self.stats.requests_sampled_out += unanswered.len() as u64;
+    }
+
+    /// A process exited: its (tgid, fd) connections are gone (the kernel closes them without a
+    /// close call).
     pub fn close_process(&mut self, tgid: u32, done: &mut Vec<ConnExchange>) -> Vec<Unanswered> {
-        let keys: Vec<ConnKey> = self.conns.keys().filter(|k| k.0 == tgid).copied().collect();
-        keys.into_iter().flat_map(|k| self.close(k, done)).collect()
+        let keys: Vec<ConnKey> = self
+            .conns
+            .keys()
+            .filter(|k| matches!(k, ConnKey::Fd { tgid: t, .. } if *t == tgid))
+            .copied()
+            .collect();
+        keys.into_iter()
+            .flat_map(|k| self.close(k, false, done))
+            .collect()
     }
 
     /// Requests still waiting for a response on open connections (reported at shutdown).
     pub fn in_flight(&self) -> usize {
         self.conns
             .values()
-            .map(|c| match &c.proto {
+            .map(|c| match &c.decoder.proto {
                 Proto::Http1(h) => h.in_flight(),
                 _ => 0,
             })
             .sum()
     }
+}
+
+/// Adds what one reassembler counted since `before` to the table's totals.
+fn add_reassembly(total: &mut ReassemblyStats, before: &ReassemblyStats, after: &ReassemblyStats) {
+    total.segments += after.segments - before.segments;
+    total.duplicates += after.duplicates - before.duplicates;
+    total.overlaps_trimmed += after.overlaps_trimmed - before.overlaps_trimmed;
+    total.out_of_order += after.out_of_order - before.out_of_order;
+    total.gaps += after.gaps - before.gaps;
+    total.gap_bytes += after.gap_bytes - before.gap_bytes;
+    total.buffer_overflows += after.buffer_overflows - before.buffer_overflows;
 }

@@ -5,12 +5,17 @@ pub mod tracefs;
 
 use std::{collections::HashMap, io};
 
+use std::path::{Path, PathBuf};
+
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{ProgramError, TracePoint, trace_point::TracePointLinkId},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError, TracePoint,
+        cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId, trace_point::TracePointLinkId,
+    },
 };
-use probe_common::{SockInfo, SockKey, drop_reason};
+use probe_common::{SockInfo, SockKey, drop_reason, setting};
 
 /// The compiled kernel programs, built by `build.rs` from `probe-ebpf`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
@@ -92,6 +97,14 @@ pub enum KernelError {
         program: String,
         source: Box<ProgramError>,
     },
+    #[error("cannot attach the cgroup data path to {cgroup}: {source}{hint}")]
+    AttachCgroup {
+        cgroup: String,
+        source: Box<ProgramError>,
+        hint: &'static str,
+    },
+    #[error("cannot open cohort cgroup {cgroup}: {source}")]
+    CgroupOpen { cgroup: String, source: io::Error },
     #[error("map operation on `{map}` failed: {source}")]
     Map {
         map: &'static str,
@@ -106,8 +119,23 @@ pub struct Kernel {
     cgroups: BpfHashMap<MapData, u64, u32>,
     sockets: BpfHashMap<MapData, SockKey, SockInfo>,
     drops: PerCpuArray<MapData, u64>,
+    settings: Array<MapData, u32>,
     data_links: Vec<(String, TracePointLinkId)>,
+    /// Cohort cgroup directories with the cgroup data path attached.
+    cgroup_links: HashMap<PathBuf, CgroupLinks>,
 }
+
+/// The programs attached to one cohort cgroup.
+struct CgroupLinks {
+    ingress: CgroupSkbLinkId,
+    egress: CgroupSkbLinkId,
+    release: CgroupSockLinkId,
+}
+
+/// Programs of the cgroup data path.
+const SEGMENT_INGRESS: &str = "segment_ingress";
+const SEGMENT_EGRESS: &str = "segment_egress";
+const SOCKET_RELEASE: &str = "socket_release";
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
     move |source| KernelError::Map { map, source }
@@ -136,15 +164,28 @@ impl Kernel {
             })?;
         let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
         for name in names {
-            let prog: &mut TracePoint = ebpf
+            let program_err = |source| KernelError::Program {
+                program: name.clone(),
+                source: Box::new(source),
+            };
+            let prog = ebpf
                 .program_mut(&name)
-                .ok_or(KernelError::Missing("program"))?
-                .try_into()
-                .map_err(|source| KernelError::Program {
-                    program: name.clone(),
-                    source: Box::new(source),
-                })?;
-            prog.load().map_err(|source| load_error(&name, source))?;
+                .ok_or(KernelError::Missing("program"))?;
+            let loaded = match name.as_str() {
+                SEGMENT_INGRESS | SEGMENT_EGRESS => {
+                    let p: &mut CgroupSkb = prog.try_into().map_err(program_err)?;
+                    p.load()
+                }
+                SOCKET_RELEASE => {
+                    let p: &mut CgroupSock = prog.try_into().map_err(program_err)?;
+                    p.load()
+                }
+                _ => {
+                    let p: &mut TracePoint = prog.try_into().map_err(program_err)?;
+                    p.load()
+                }
+            };
+            loaded.map_err(|source| load_error(&name, source))?;
         }
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(KernelError::Missing(name))
@@ -156,13 +197,17 @@ impl Kernel {
         let sockets =
             BpfHashMap::try_from(take(&mut ebpf, "SOCKETS")?).map_err(map_err("SOCKETS"))?;
         let drops = PerCpuArray::try_from(take(&mut ebpf, "DROPS")?).map_err(map_err("DROPS"))?;
+        let settings =
+            Array::try_from(take(&mut ebpf, "SETTINGS")?).map_err(map_err("SETTINGS"))?;
         let mut kernel = Self {
             ebpf,
             tgids,
             cgroups,
             sockets,
             drops,
+            settings,
             data_links: Vec::new(),
+            cgroup_links: HashMap::new(),
         };
         for hook in SCHED_HOOKS {
             kernel.attach(hook)?;
@@ -232,6 +277,138 @@ impl Kernel {
                 }
             }
         }
+    }
+
+    /// Makes the cgroup data path cover exactly `dirs`: attaches its programs to new ones,
+    /// detaches them from those no longer wanted. Attach to the top-most matched directories
+    /// only (a cgroup's programs also run for its descendants' sockets).
+    pub fn set_cgroup_path(&mut self, dirs: &[PathBuf]) -> Result<(), KernelError> {
+        let stale: Vec<PathBuf> = self
+            .cgroup_links
+            .keys()
+            .filter(|d| !dirs.contains(d))
+            .cloned()
+            .collect();
+        for dir in stale {
+            self.detach_cgroup(&dir);
+        }
+        for dir in dirs {
+            if !self.cgroup_links.contains_key(dir) {
+                self.attach_cgroup(dir)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Cohort cgroups the cgroup data path is attached to.
+    pub fn cgroup_path_dirs(&self) -> usize {
+        self.cgroup_links.len()
+    }
+
+    fn attach_cgroup(&mut self, dir: &Path) -> Result<(), KernelError> {
+        let attach_err = |source: ProgramError| {
+            let busy = matches!(&source, ProgramError::SyscallError(e)
+                if matches!(e.io_error.raw_os_error(), Some(libc::EEXIST | libc::EPERM | libc::EBUSY)));
+            KernelError::AttachCgroup {
+                cgroup: dir.display().to_string(),
+                source: Box::new(source),
+                hint: if busy {
+                    " (another program may hold this cgroup's hook in exclusive mode; \
+                     `--data-path syscall` watches it through syscall tracepoints instead)"
+                } else {
+                    ""
+                },
+            }
+        };
+        let file = std::fs::File::open(dir).map_err(|source| KernelError::CgroupOpen {
+            cgroup: dir.display().to_string(),
+            source,
+        })?;
+        let skb = |ebpf: &mut Ebpf, name: &str, kind| -> Result<CgroupSkbLinkId, ProgramError> {
+            let prog: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .ok_or(ProgramError::NotLoaded)?
+                .try_into()?;
+            prog.attach(&file, kind, CgroupAttachMode::Single)
+        };
+        let ingress = skb(
+            &mut self.ebpf,
+            SEGMENT_INGRESS,
+            CgroupSkbAttachType::Ingress,
+        )
+        .map_err(attach_err)?;
+        let egress = match skb(&mut self.ebpf, SEGMENT_EGRESS, CgroupSkbAttachType::Egress) {
+            Ok(l) => l,
+            Err(e) => {
+                self.detach_skb(SEGMENT_INGRESS, ingress);
+                return Err(attach_err(e));
+            }
+        };
+        let release = (|| -> Result<CgroupSockLinkId, ProgramError> {
+            let prog: &mut CgroupSock = self
+                .ebpf
+                .program_mut(SOCKET_RELEASE)
+                .ok_or(ProgramError::NotLoaded)?
+                .try_into()?;
+            prog.attach(&file, CgroupAttachMode::Single)
+        })();
+        let release = match release {
+            Ok(l) => l,
+            Err(e) => {
+                self.detach_skb(SEGMENT_INGRESS, ingress);
+                self.detach_skb(SEGMENT_EGRESS, egress);
+                return Err(attach_err(e));
+            }
+        };
+        tracing::info!(cgroup = %dir.display(), "cgroup data path attached");
+        self.cgroup_links.insert(
+            dir.to_path_buf(),
+            CgroupLinks {
+                ingress,
+                egress,
+                release,
+            },
+        );
+        Ok(())
+    }
+
+    fn detach_skb(&mut self, name: &str, link: CgroupSkbLinkId) {
+        if let Some(prog) = self.ebpf.program_mut(name) {
+            let prog: Result<&mut CgroupSkb, _> = prog.try_into();
+            if let Ok(prog) = prog {
+                // A cgroup that was removed took its programs with it: nothing to report.
+                let _ = prog.detach(link);
+            }
+        }
+    }
+
+    fn detach_cgroup(&mut self, dir: &Path) {
+        let Some(links) = self.cgroup_links.remove(dir) else {
+            return;
+        };
+        self.detach_skb(SEGMENT_INGRESS, links.ingress);
+        self.detach_skb(SEGMENT_EGRESS, links.egress);
+        if let Some(prog) = self.ebpf.program_mut(SOCKET_RELEASE) {
+            let prog: Result<&mut CgroupSock, _> = prog.try_into();
+            if let Ok(prog) = prog {
+                let _ = prog.detach(links.release);
+            }
+        }
+        tracing::info!(cgroup = %dir.display(), "cgroup data path detached");
+    }
+
+    /// Connections sampled in, out of `probe_common::SAMPLE_SCALE` (at least 1).
+    pub fn set_sample(&mut self, sample: u32) -> Result<(), KernelError> {
+        self.settings
+            .set(setting::SAMPLE, sample.max(1), 0)
+            .map_err(map_err("SETTINGS"))
+    }
+
+    /// Ring-buffer bytes waiting before a record wakes the reader.
+    pub fn set_wake_bytes(&mut self, bytes: u32) -> Result<(), KernelError> {
+        self.settings
+            .set(setting::WAKE_BYTES, bytes.max(1), 0)
+            .map_err(map_err("SETTINGS"))
     }
 
     pub fn set_tgid(&mut self, tgid: u32, cohort: u32) -> Result<(), KernelError> {

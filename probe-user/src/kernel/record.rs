@@ -4,7 +4,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use probe_common::{ConnEvent, DataHeader, EventHeader, EventKind, ProcEvent};
+use probe_common::{
+    ConnEvent, DataHeader, EventHeader, EventKind, ProcEvent, ReleaseEvent, SegmentHeader,
+};
 
 /// A decoded kernel event; `Data` borrows its payload from the ring buffer.
 #[derive(Debug)]
@@ -13,6 +15,8 @@ pub enum Record<'a> {
     Conn(ConnEvent),
     Close(ConnEvent),
     Data(DataHeader, &'a [u8]),
+    Segment(SegmentHeader, &'a [u8]),
+    Release(ReleaseEvent),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -53,7 +57,38 @@ pub fn decode(bytes: &[u8]) -> Result<Record<'_>, RecordError> {
             }
             Record::Data(h, &payload[..h.captured as usize])
         }
+        EventKind::Segment => {
+            let h: SegmentHeader = read(bytes)?;
+            let payload = &bytes[size_of::<SegmentHeader>()..];
+            if payload.len() < h.captured as usize || h.captured > h.len {
+                return Err(RecordError::Payload {
+                    claimed: h.captured,
+                    carried: payload.len(),
+                });
+            }
+            Record::Segment(h, &payload[..h.captured as usize])
+        }
+        EventKind::Release => Record::Release(read(bytes)?),
     })
+}
+
+/// The local and remote addresses of a segment record.
+pub fn segment_addrs(h: &SegmentHeader) -> (SocketAddr, SocketAddr) {
+    let ip = |a: &[u8; 16]| -> IpAddr {
+        if h.family == 10 {
+            let v6 = Ipv6Addr::from(*a);
+            match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            }
+        } else {
+            IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+        }
+    };
+    (
+        SocketAddr::new(ip(&h.local_addr), h.local_port),
+        SocketAddr::new(ip(&h.remote_addr), h.remote_port),
+    )
 }
 
 /// The peer address of a connection event, when the kernel had it.
