@@ -156,8 +156,17 @@ impl Pipeline {
 
     /// Gives up on TCP holes that waited too long (call about once a second).
     pub fn expire(&mut self, out: &mut Vec<RequestEvent>) {
+        self.expire_at(self.clock.monotonic_now(), out);
+    }
+
+    /// At stop: what waits behind a TCP hole is delivered now (the hole as a gap).
+    pub fn flush(&mut self, out: &mut Vec<RequestEvent>) {
+        self.expire_at(u64::MAX, out);
+    }
+
+    fn expire_at(&mut self, now: u64, out: &mut Vec<RequestEvent>) {
         let mut done = Vec::new();
-        self.table.expire(self.clock.monotonic_now(), &mut done);
+        self.table.expire(now, &mut done);
         self.stats.events += done.len() as u64;
         for d in done {
             out.push(self.event(d));

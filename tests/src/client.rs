@@ -99,8 +99,13 @@ pub struct Conn {
 
 impl Conn {
     pub fn connect(port: u16) -> Result<Self> {
-        let stream = TcpStream::connect(("127.0.0.1", port))
-            .with_context(|| format!("cannot connect to 127.0.0.1:{port}"))?;
+        Self::connect_to(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// A connection to any address (a test's network namespace, say).
+    pub fn connect_to(addr: std::net::SocketAddr) -> Result<Self> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .with_context(|| format!("cannot connect to {addr}"))?;
         stream.set_read_timeout(Some(Duration::from_secs(20)))?;
         stream.set_nodelay(true)?;
         Ok(Self {

@@ -41,8 +41,17 @@ impl Guard {
 
     /// Sends SIGTERM and waits (bounded) for the exit; returns whether it exited cleanly.
     pub fn stop(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        self.stop_with(libc::SIGTERM, timeout)
+    }
+
+    /// Sends `signal` and waits (bounded) for the exit.
+    pub fn stop_with(
+        &mut self,
+        signal: i32,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus> {
         // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(self.child.id() as i32, signal) };
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {

@@ -13,6 +13,8 @@ use anyhow::{Context as _, Result, bail};
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("nginx-light", "/usr/sbin/nginx"),
     ("wrk", "/usr/bin/wrk"),
+    ("apache2-utils", "/usr/bin/ab"),
+    ("nftables", "/usr/sbin/nft"),
     ("procps", "/usr/bin/pgrep"),
     ("protobuf-compiler", "/usr/bin/protoc"),
     ("clickhouse-server", "/usr/sbin/clickhouse-server"),

@@ -36,6 +36,13 @@ pub enum Direction {
 }
 
 impl Direction {
+    fn other(self) -> Self {
+        match self {
+            Direction::Ingress => Direction::Egress,
+            Direction::Egress => Direction::Ingress,
+        }
+    }
+
     fn index(self) -> usize {
         match self {
             Direction::Ingress => 0,
@@ -235,9 +242,12 @@ impl Decoder {
                     match meta.role {
                         None => {
                             // Role unknown (seen mid-way, no SYN): the side that starts a request
-                            // is the client.
-                            if starts_message(Side::Request, prefix) && !prefix.is_empty() {
+                            // is the client, the side that starts a response the server.
+                            if !prefix.is_empty() && starts_message(Side::Request, prefix) {
                                 meta.role = Some(Role::requesting_in(dir));
+                                self.proto = Proto::Http1(Box::default());
+                            } else if prefix.len() >= 7 && starts_message(Side::Response, prefix) {
+                                meta.role = Some(Role::requesting_in(dir.other()));
                                 self.proto = Proto::Http1(Box::default());
                             } else {
                                 *tried += 1;
@@ -302,18 +312,28 @@ impl Decoder {
             return;
         };
         let mut anomalies = Vec::new();
-        http.events_lost(&mut anomalies);
+        match (records, meta.role) {
+            // Lost records may have been of either side.
+            (Some(_), _) | (None, None) => {
+                http.gap(Side::Request, &mut anomalies);
+                http.gap(Side::Response, &mut anomalies);
+            }
+            (None, Some(role)) => http.gap(role.side_of(dir), &mut anomalies),
+        }
         count(stats, &anomalies);
-        // Whole requests inside a request-side gap, from this connection's averages.
-        if meta.role.map(|r| r.side_of(dir)) == Some(Side::Request) {
+        // Whole requests inside a request-side gap (or a run of lost records, which may be of
+        // either side), from this connection's averages.
+        if records.is_some() || meta.role.map(|r| r.side_of(dir)) == Some(Side::Request) {
             let h = self.history[side_index(Side::Request)];
             let per_request = |total: u64| total as f64 / self.exchanges.max(1) as f64;
             let estimate = match (bytes, records) {
                 (Some(b), _) if self.exchanges > 0 && h.bytes > 0 => {
                     (b as f64 / per_request(h.bytes)).round() as u64
                 }
-                (None, Some(r)) if self.exchanges > 0 && h.pieces > 0 => {
-                    (r as f64 / per_request(h.pieces)).round() as u64
+                // Record numbers count both directions' records.
+                (None, Some(r)) if self.exchanges > 0 => {
+                    let pieces: u64 = self.history.iter().map(|h| h.pieces).sum();
+                    (r as f64 / per_request(pieces.max(1))).round() as u64
                 }
                 _ => 1,
             };
@@ -524,6 +544,18 @@ impl ConnTable {
             return Vec::new();
         };
         let mut exchanges = Vec::new();
+        if seg.len > 0 {
+            // Data this way at `ts` means the other way's older holes will never fill (without
+            // pipelining, each side waits for the other): give them up before feeding this, so
+            // the decoder sees both directions in the order they happened.
+            let other_dir = seg.dir.other();
+            let other = &mut streams[other_dir.index()];
+            let before = other.stats().clone();
+            other.give_up_holes_before(seg.ts, &mut |piece| {
+                decoder.feed(meta, other_dir, piece, stats, &mut exchanges)
+            });
+            add_reassembly(&mut stats.reassembly, &before, other.stats());
+        }
         let reassembler = &mut streams[seg.dir.index()];
         let before = reassembler.stats().clone();
         reassembler.push(

@@ -265,18 +265,26 @@ impl Kernel {
         Ok(())
     }
 
-    /// Detaches the socket and data hooks: the host stops paying for them.
+    /// Detaches the socket and data hooks: the host stops paying for them. Each tracepoint's
+    /// detach waits for an RCU grace period (hundreds of ms under load): they are dropped from
+    /// one thread each so the waits overlap, which keeps stopping prompt.
     pub fn detach_data_hooks(&mut self) {
+        let mut owned = Vec::new();
         for (program, link) in self.data_links.drain(..) {
-            if let Some(prog) = self.ebpf.program_mut(&program) {
-                let prog: Result<&mut TracePoint, _> = prog.try_into();
-                if let Ok(prog) = prog
-                    && let Err(e) = prog.detach(link)
-                {
-                    tracing::warn!(program, error = %e, "detach failed");
-                }
+            let Some(prog) = self.ebpf.program_mut(&program) else {
+                continue;
+            };
+            let prog: Result<&mut TracePoint, _> = prog.try_into();
+            match prog.map(|p| p.take_link(link)) {
+                Ok(Ok(link)) => owned.push(link),
+                Ok(Err(e)) | Err(e) => tracing::warn!(program, error = %e, "detach failed"),
             }
         }
+        std::thread::scope(|scope| {
+            for link in owned {
+                scope.spawn(move || drop(link));
+            }
+        });
     }
 
     /// Makes the cgroup data path cover exactly `dirs`: attaches its programs to new ones,

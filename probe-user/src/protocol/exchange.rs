@@ -40,6 +40,8 @@ struct Pending {
     head: Head,
     start_ts: u64,
     request_bytes: u64,
+    /// The request message ended (its byte count is known).
+    complete: bool,
     response: Option<Head>,
 }
 
@@ -51,6 +53,11 @@ pub struct Http1Exchange {
     pending: VecDeque<Pending>,
     /// The next response head answers a request the probe never saw: parse it, do not pair it.
     orphan_response: bool,
+    /// A second request came before the first one's response while the stream was whole: the
+    /// client pipelines, so after a gap nothing in flight can be paired any more.
+    pipelined: bool,
+    /// Gaps seen in either direction.
+    gaps: u64,
 }
 
 impl Default for Http1Exchange {
@@ -66,6 +73,8 @@ impl Http1Exchange {
             responses: MessageParser::new(Side::Response),
             pending: VecDeque::new(),
             orphan_response: false,
+            pipelined: false,
+            gaps: 0,
         }
     }
 
@@ -92,15 +101,28 @@ impl Http1Exchange {
             .feed(ts, data, len, &mut RequestContext::default, &mut out);
         for o in out {
             match o {
-                Output::Head { head, start_ts } => self.pending.push_back(Pending {
-                    head,
-                    start_ts,
-                    request_bytes: 0,
-                    response: None,
-                }),
+                Output::Head { head, start_ts } => {
+                    if !self.pending.is_empty() {
+                        if self.gaps == 0 {
+                            self.pipelined = true;
+                        } else if !self.pipelined {
+                            // One request at a time: one still waiting lost its response in a
+                            // gap.
+                            self.drop_pending(self.pending.len(), Side::Response, anomalies);
+                        }
+                    }
+                    self.pending.push_back(Pending {
+                        head,
+                        start_ts,
+                        request_bytes: 0,
+                        complete: false,
+                        response: None,
+                    });
+                }
                 Output::End { bytes, .. } => {
                     if let Some(p) = self.pending.back_mut() {
                         p.request_bytes = bytes;
+                        p.complete = true;
                     }
                 }
                 Output::Desync(reason) => self.desync(Side::Request, reason, anomalies),
@@ -125,6 +147,7 @@ impl Http1Exchange {
         for o in ended {
             if let (Output::End { bytes, .. }, Some(p)) = (o, self.pending.back_mut()) {
                 p.request_bytes = bytes;
+                p.complete = true;
             }
         }
         let front = self.pending.iter().find(|p| p.response.is_none());
@@ -144,13 +167,20 @@ impl Http1Exchange {
     ) {
         for o in out {
             match o {
-                Output::Head { head, .. } => match self.pending.front_mut() {
-                    Some(p) if p.response.is_none() => p.response = Some(head),
-                    _ => {
-                        self.orphan_response = true;
-                        anomalies.push(Anomaly::UnmatchedResponse);
+                Output::Head { head, .. } => {
+                    // After a gap, without pipelining, a response answers the newest request:
+                    // the older ones were answered in the gap.
+                    if self.gaps > 0 && !self.pipelined && self.pending.len() > 1 {
+                        self.drop_pending(self.pending.len() - 1, Side::Response, anomalies);
                     }
-                },
+                    match self.pending.front_mut() {
+                        Some(p) if p.response.is_none() => p.response = Some(head),
+                        _ => {
+                            self.orphan_response = true;
+                            anomalies.push(Anomaly::UnmatchedResponse);
+                        }
+                    }
+                }
                 Output::End { end_ts, bytes } => {
                     if std::mem::take(&mut self.orphan_response) {
                         continue;
@@ -170,6 +200,55 @@ impl Http1Exchange {
                 Output::EndsAtTurn(reason) => anomalies.push(Anomaly::EndedAtTurn(reason)),
             }
         }
+    }
+
+    /// Bytes of one side are missing (lost records, a TCP hole never filled). That side's parser
+    /// restarts at its next message start. Without pipelining, requests in flight stay paired
+    /// (a response after the gap answers the newest request), except the message the gap cut
+    /// into; a pipelining client loses everything in flight.
+    pub fn gap(&mut self, side: Side, anomalies: &mut Vec<Anomaly>) {
+        self.gaps += 1;
+        if self.pipelined {
+            self.events_lost(anomalies);
+            return;
+        }
+        let dropped = match side {
+            Side::Request => {
+                self.requests.reset_lost();
+                // A request the gap cut into has no exact size any more.
+                usize::from(self.pending.back().is_some_and(|p| !p.complete))
+            }
+            Side::Response => {
+                self.responses.reset_lost();
+                self.orphan_response = false;
+                // A response the gap cut into: its request gets no event.
+                usize::from(self.pending.front().is_some_and(|p| p.response.is_some()))
+            }
+        };
+        match side {
+            Side::Request => {
+                self.pending.truncate(self.pending.len() - dropped);
+            }
+            Side::Response => {
+                self.pending.drain(..dropped);
+            }
+        }
+        anomalies.push(Anomaly::Desync {
+            side,
+            reason: DesyncReason::EventsLost,
+            dropped,
+        });
+    }
+
+    /// Drops the `n` oldest requests in flight (their responses were lost).
+    fn drop_pending(&mut self, n: usize, side: Side, anomalies: &mut Vec<Anomaly>) {
+        let n = n.min(self.pending.len());
+        self.pending.drain(..n);
+        anomalies.push(Anomaly::Desync {
+            side,
+            reason: DesyncReason::EventsLost,
+            dropped: n,
+        });
     }
 
     /// The kernel lost events of this connection: nothing in flight can be trusted.
@@ -557,5 +636,63 @@ mod tests {
         );
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].request.path, "/b");
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+    #[test]
+    fn without_pipelining_a_response_after_a_gap_answers_the_newest_request() {
+        let mut x = Http1Exchange::new();
+        let (mut done, mut an) = (Vec::new(), Vec::new());
+        x.on_request_bytes(1, b"GET /a HTTP/1.1\r\n\r\n", 19, &mut done, &mut an);
+        x.on_response_bytes(2, OK, OK.len() as u64, &mut done, &mut an);
+        // /b's response is lost in a gap; /c is sent after it.
+        x.on_request_bytes(3, b"GET /b HTTP/1.1\r\n\r\n", 19, &mut done, &mut an);
+        x.gap(Side::Response, &mut an);
+        x.on_request_bytes(5, b"GET /c HTTP/1.1\r\n\r\n", 19, &mut done, &mut an);
+        x.on_response_bytes(6, OK, OK.len() as u64, &mut done, &mut an);
+        let paths: Vec<&str> = done.iter().map(|d| d.request.path.as_str()).collect();
+        assert_eq!(paths, ["/a", "/c"]);
+        assert_eq!(done[1].start_ts, 5);
+        assert_eq!(done[1].end_ts, 6);
+        let dropped: usize = an
+            .iter()
+            .map(|a| match a {
+                Anomaly::Desync { dropped, .. } => *dropped,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(dropped, 1, "{an:?}");
+    }
+
+    #[test]
+    fn a_gap_inside_a_request_drops_only_that_request() {
+        let mut x = Http1Exchange::new();
+        let (mut done, mut an) = (Vec::new(), Vec::new());
+        let head = b"POST /up HTTP/1.1\r\nContent-Length: 100\r\n\r\n";
+        x.on_request_bytes(1, head, head.len() as u64 + 10, &mut done, &mut an);
+        x.gap(Side::Request, &mut an);
+        x.on_response_bytes(2, OK, OK.len() as u64, &mut done, &mut an);
+        x.on_request_bytes(3, b"GET /next HTTP/1.1\r\n\r\n", 22, &mut done, &mut an);
+        x.on_response_bytes(4, OK, OK.len() as u64, &mut done, &mut an);
+        let paths: Vec<&str> = done.iter().map(|d| d.request.path.as_str()).collect();
+        assert_eq!(paths, ["/next"]);
+        assert_eq!(done[0].request_bytes, 22);
+    }
+
+    #[test]
+    fn a_pipelining_client_loses_what_is_in_flight_at_a_gap() {
+        let mut x = Http1Exchange::new();
+        let (mut done, mut an) = (Vec::new(), Vec::new());
+        x.on_request_bytes(
+            1,
+            b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
+            38,
+            &mut done,
+            &mut an,
+        );
+        x.gap(Side::Response, &mut an);
+        x.on_response_bytes(2, OK, OK.len() as u64, &mut done, &mut an);
+        assert!(done.is_empty(), "{done:?}");
     }
 }

@@ -241,6 +241,22 @@ impl Reassembler {
         }
     }
 
+    /// Gives up every hole with data behind it seen at or before `ts`: the caller knows from the
+    /// other direction that the hole will not be filled (a server answered, so it read past
+    /// it; only records lost by the probe leave such a hole).
+    pub fn give_up_holes_before(&mut self, ts: u64, out: &mut dyn FnMut(Piece<'_>)) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        while let Some(hole_end) = self.hole_end()
+            && let Some(since) = self.hole_waiting_since()
+            && since <= ts
+        {
+            self.give_up_hole(hole_end, out);
+            self.drain(out);
+        }
+    }
+
     /// Connection closing: delivers everything buffered, with a gap for each hole (and for bytes
     /// missing before a FIN that was seen). Later pushes are ignored.
     pub fn finish(&mut self, out: &mut dyn FnMut(Piece<'_>)) {
@@ -982,6 +998,31 @@ mod tests {
         assert_eq!(h.reassembler.buffered_bytes(), 0);
         assert_eq!(h.stats().buffer_overflows, 3);
         assert_eq!(h.stats().gap_bytes, 2 + 1 + 987);
+    }
+
+    #[test]
+    fn holes_before_a_time_are_given_up_on_request() {
+        let mut r = Reassembler::new(Limits::default());
+        let mut got = Vec::new();
+        {
+            let mut out = |p: Piece<'_>| got.push(format!("{p:?}"));
+            r.push(&at(10, seg(100, b"aaaa")), &mut out);
+            r.push(&at(20, seg(108, b"cccc")), &mut out);
+            r.give_up_holes_before(15, &mut out);
+        }
+        assert_eq!(
+            got.len(),
+            1,
+            "a hole with newer data behind it stays: {got:?}"
+        );
+        r.give_up_holes_before(20, &mut |p: Piece<'_>| got.push(format!("{p:?}")));
+        assert_eq!(
+            got[1..],
+            [
+                "Gap { bytes: Some(4) }".to_string(),
+                "Data { ts: 20, len: 4, prefix: [99, 99, 99, 99] }".to_string()
+            ]
+        );
     }
 
     #[test]

@@ -19,6 +19,9 @@ use clap::Parser;
 struct Args {
     #[arg(long, default_value_t = 8080)]
     port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
     /// Delay added to every response, in milliseconds.
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
@@ -43,8 +46,8 @@ static REQUESTS: AtomicU64 = AtomicU64::new(0);
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let listener = TcpListener::bind(("127.0.0.1", args.port))
-        .with_context(|| format!("cannot listen on 127.0.0.1:{}", args.port))?;
+    let listener = TcpListener::bind((args.host, args.port))
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let args = args.clone();
