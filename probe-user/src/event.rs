@@ -43,4 +43,10 @@ pub struct RequestEvent {
     /// The request's `user-agent`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_agent: Option<String>,
+    /// `grpc-status` of a gRPC call (non-zero: an error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<i32>,
+    /// Protocol-specific fields (`rpc.service`, `db.rows`, `db.sqlstate`, `decoded`, ...).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub attributes: std::collections::BTreeMap<String, String>,
 }

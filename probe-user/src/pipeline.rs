@@ -8,7 +8,7 @@ use probe_common::{COHORT_NONE, EventKind, SockInfo, SockKey, conn_role, data_di
 use crate::{
     clock::{Clock, rfc3339},
     cohort::{CgroupMatch, Cohorts, proc},
-    conn::{ConnExchange, ConnKey, ConnTable, Direction, Role, SegmentRecord, Unanswered},
+    conn::{ConnExchange, ConnKey, ConnTable, Direction, Role, SegmentRecord},
     event::RequestEvent,
     kernel::{Kernel, KernelError, record},
 };
@@ -433,7 +433,7 @@ impl Pipeline {
             out.push(self.event(d));
         }
         for u in unanswered {
-            out.push(self.unanswered_event(u));
+            out.push(self.event(u));
         }
     }
 
@@ -473,51 +473,39 @@ impl Pipeline {
             request_id: None,
             traceparent: None,
             user_agent: None,
+            grpc_status: None,
+            attributes: Default::default(),
         }
     }
 
     fn event(&self, d: ConnExchange) -> RequestEvent {
-        let x = d.exchange;
+        let x = d.call;
         let start = self.clock.unix_ns(x.start_ts);
         let (bytes_in, bytes_out) = match d.role {
             Role::Server => (x.request_bytes, x.response_bytes),
             Role::Client => (x.response_bytes, x.request_bytes),
         };
         RequestEvent {
-            method: x.request.method,
-            path: x.request.path,
-            status: Some(x.response.status),
+            protocol: x.protocol.to_string(),
+            method: x.method,
+            path: x.path,
+            status: x.status,
+            error: x.error,
             start_time: rfc3339(start),
             start_unix_ns: start,
-            duration_ns: x.end_ts.saturating_sub(x.start_ts),
+            duration_ns: if x.end_ts == 0 {
+                0
+            } else {
+                x.end_ts.saturating_sub(x.start_ts)
+            },
             bytes_in,
             bytes_out,
-            request_id: x.request.request_id,
-            traceparent: x.request.traceparent,
-            user_agent: x.request.user_agent,
+            request_id: x.request_id,
+            traceparent: x.traceparent,
+            user_agent: x.user_agent,
+            grpc_status: x.grpc_status,
+            attributes: x.attributes.into_iter().collect(),
             ..self.base_event(d.tgid, d.cohort, d.role, d.peer)
-        }
-    }
-
-    fn unanswered_event(&self, u: Unanswered) -> RequestEvent {
-        let start = self.clock.unix_ns(u.start_ts);
-        RequestEvent {
-            method: u.request.method,
-            path: u.request.path,
-            error: Some(
-                if u.reset {
-                    "connection reset before the response"
-                } else {
-                    "connection closed before the response"
-                }
-                .to_string(),
-            ),
-            start_time: rfc3339(start),
-            start_unix_ns: start,
-            request_id: u.request.request_id,
-            traceparent: u.request.traceparent,
-            user_agent: u.request.user_agent,
-            ..self.base_event(u.tgid, u.cohort, u.role, u.peer)
         }
     }
 }

@@ -25,6 +25,16 @@ use bakeoff_testkit::{
 
 const PATHS: [&str; 2] = ["auto", "syscall"];
 
+/// These tests load the machine on purpose (floods, maximum rates): one at a time, so that
+/// one's load is not another's noise.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn root() -> Result<()> {
     ensure!(
         unsafe { libc::geteuid() } == 0,
@@ -181,11 +191,13 @@ fn lossy_link(path: &str, subnet: u8) -> Result<()> {
 
 #[test]
 fn lossy_link_cgroup_path() -> Result<()> {
+    let _serial = serial();
     lossy_link("auto", 91)
 }
 
 #[test]
 fn lossy_link_syscall_path() -> Result<()> {
+    let _serial = serial();
     lossy_link("syscall", 92)
 }
 
@@ -326,11 +338,13 @@ fn ring_flood(path: &str) -> Result<()> {
 
 #[test]
 fn ring_flood_cgroup_path() -> Result<()> {
+    let _serial = serial();
     ring_flood("auto")
 }
 
 #[test]
 fn ring_flood_syscall_path() -> Result<()> {
+    let _serial = serial();
     ring_flood("syscall")
 }
 
@@ -392,17 +406,20 @@ fn fresh_connections(path: &str) -> Result<()> {
 
 #[test]
 fn fresh_connections_cgroup_path() -> Result<()> {
+    let _serial = serial();
     fresh_connections("auto")
 }
 
 #[test]
 fn fresh_connections_syscall_path() -> Result<()> {
+    let _serial = serial();
     fresh_connections("syscall")
 }
 
 /// SIGINT and SIGTERM each stop a probe under a flood within 5 s, cleanly (stats written).
 #[test]
 fn signals_stop_a_loaded_probe() -> Result<()> {
+    let _serial = serial();
     root()?;
     for path in PATHS {
         let dir = scratch_dir(&format!("signal-{path}"))?;
@@ -438,6 +455,7 @@ fn signals_stop_a_loaded_probe() -> Result<()> {
 /// connections left out give no events (and no false errors), the ones kept give exact ones.
 #[test]
 fn cpu_budget_samples_whole_connections() -> Result<()> {
+    let _serial = serial();
     root()?;
     for path in PATHS {
         let dir = scratch_dir(&format!("budget-{path}"))?;
@@ -509,6 +527,7 @@ fn cpu_budget_samples_whole_connections() -> Result<()> {
 /// the cgroup is watched on both.
 #[test]
 fn process_moved_into_the_cohort() -> Result<()> {
+    let _serial = serial();
     root()?;
     for path in PATHS {
         let dir = scratch_dir(&format!("moved-{path}"))?;

@@ -150,17 +150,32 @@ fn median(mut v: Vec<u64>) -> u64 {
     v[v.len() / 2]
 }
 
+/// The canary (named by cgroup) on the cgroup_skb path, the baseline (named by environment) on
+/// the syscall path: both in one probe.
 #[test]
-fn every_request_of_both_cohorts_becomes_one_exact_event() -> Result<()> {
+fn every_request_becomes_one_exact_event_cgroup_path() -> Result<()> {
+    every_request_of_both_cohorts_becomes_one_exact_event("auto")
+}
+
+/// Every cohort on the syscall path: the same expectations.
+#[test]
+fn every_request_becomes_one_exact_event_syscall_path() -> Result<()> {
+    every_request_of_both_cohorts_becomes_one_exact_event("syscall")
+}
+
+fn every_request_of_both_cohorts_becomes_one_exact_event(data_path: &str) -> Result<()> {
     ensure!(
         unsafe { libc::geteuid() } == 0,
         "this test loads eBPF programs: run it as root (cargo xtask test)"
     );
-    let dir = PathBuf::from(format!("/tmp/bakeoff-it-{}", std::process::id()));
+    let dir = PathBuf::from(format!(
+        "/tmp/bakeoff-it-{data_path}-{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("www"))?;
     std::fs::write(dir.join("www/big.bin"), vec![b'z'; 20_000])?;
-    let canary_cg = Cgroup::create(&format!("bakeoff-it-{}", std::process::id()))?;
+    let canary_cg = Cgroup::create(&format!("bakeoff-it-{data_path}-{}", std::process::id()))?;
 
     // Canary: started before the probe, in the canary cgroup.
     let canary_port = free_port();
@@ -202,10 +217,12 @@ fn every_request_of_both_cohorts_becomes_one_exact_event() -> Result<()> {
     let mut probe = Guard::spawn(
         "bakeoff-probe",
         Command::new(bin("bakeoff-probe")?)
-            .args(["--experiment", "it"])
+            .args(["--experiment", "it", "--data-path", data_path])
             .arg("--cohort")
             .arg(format!("canary=cgroup:{}", canary_cg.path().display()))
-            .args(["--cohort", "baseline=env:BAKEOFF_COHORT=baseline"])
+            // Unique per test: the two tests run at once, each probe must see only its nginx.
+            .arg("--cohort")
+            .arg(format!("baseline=env:BAKEOFF_COHORT=baseline-{data_path}"))
             .args(["--payload-prefix", &PREFIX.to_string()])
             .arg("--output")
             .arg(&out)
@@ -229,7 +246,7 @@ fn every_request_of_both_cohorts_becomes_one_exact_event() -> Result<()> {
             .arg(dir.join("nginx.conf"))
             .arg("-p")
             .arg(&dir)
-            .env("BAKEOFF_COHORT", "baseline")
+            .env("BAKEOFF_COHORT", format!("baseline-{data_path}"))
             .stdout(Stdio::null()),
     )?;
     wait_for_port(nginx_port, Duration::from_secs(10))?;

@@ -12,7 +12,6 @@ use anyhow::{Context as _, Result, bail};
 /// Debian packages the tests, demo and benchmarks use.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("nginx-light", "/usr/sbin/nginx"),
-    ("wrk", "/usr/bin/wrk"),
     ("apache2-utils", "/usr/bin/ab"),
     ("nftables", "/usr/sbin/nft"),
     ("procps", "/usr/bin/pgrep"),

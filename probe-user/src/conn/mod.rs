@@ -9,9 +9,10 @@ use std::{collections::HashMap, net::SocketAddr};
 
 use crate::{
     protocol::{
-        Exchange, Http1Exchange,
+        Call, Decoder, Http1Exchange,
+        detect::{Detected, detect},
         exchange::Anomaly,
-        http1::{Head, Side, starts_message},
+        http1::{Side, starts_message},
     },
     stream::{
         Piece,
@@ -86,10 +87,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 #[derive(Debug)]
 enum Proto {
     /// Nothing decided yet; for connections seen mid-way, counts pieces tried.
-    Unknown {
-        tried: u32,
-    },
-    Http1(Box<Http1Exchange>),
+    Unknown { tried: u32 },
+    /// A protocol the probe decodes.
+    Decoding(Box<dyn Decoder>),
     /// Not a protocol the probe parses; its bytes are ignored.
     Other,
 }
@@ -115,7 +115,7 @@ struct Meta {
 
 /// The decoding state of a connection.
 #[derive(Debug)]
-struct Decoder {
+struct StreamDecoder {
     proto: Proto,
     history: [SideHistory; 2],
     exchanges: u64,
@@ -125,7 +125,7 @@ struct Decoder {
 #[derive(Debug)]
 pub struct Conn {
     meta: Meta,
-    decoder: Decoder,
+    decoder: StreamDecoder,
     /// Syscall path: last per-socket record number.
     last_seq: u32,
     /// Cgroup path: one reassembler per direction.
@@ -139,7 +139,7 @@ pub struct ConnExchange {
     pub cohort: u32,
     pub role: Role,
     pub peer: Option<SocketAddr>,
-    pub exchange: Exchange,
+    pub call: Call,
 }
 
 /// Counters of what did not become an event, by reason.
@@ -187,18 +187,9 @@ impl Default for ConnTable {
     }
 }
 
-/// A request the connection closed (or was reset) on before its response completed.
-#[derive(Clone, Debug)]
-pub struct Unanswered {
-    pub tgid: u32,
-    pub cohort: u32,
-    pub role: Role,
-    pub peer: Option<SocketAddr>,
-    pub request: Head,
-    pub start_ts: u64,
-    /// The connection was reset (RST), not closed.
-    pub reset: bool,
-}
+/// A request the connection closed (or was reset) on before its response completed: a call
+/// with its `error` set.
+pub type Unanswered = ConnExchange;
 
 /// A TCP segment record of the cgroup path, as the table needs it.
 #[derive(Clone, Copy, Debug)]
@@ -217,7 +208,15 @@ pub struct SegmentRecord<'a> {
     pub peer: SocketAddr,
 }
 
-impl Decoder {
+/// The decoder for a detected protocol.
+fn decoder_for(protocol: Detected) -> Option<Box<dyn Decoder>> {
+    match protocol {
+        Detected::Http1 => Some(Box::new(Http1Exchange::new())),
+        Detected::Http2 | Detected::Postgres => None,
+    }
+}
+
+impl StreamDecoder {
     fn new() -> Self {
         Self {
             proto: Proto::Unknown { tried: 0 },
@@ -233,51 +232,62 @@ impl Decoder {
         dir: Direction,
         piece: Piece<'_>,
         stats: &mut ConnStats,
-        done: &mut Vec<Exchange>,
+        done: &mut Vec<Call>,
     ) {
         match piece {
             Piece::Gap { bytes } => self.gap(meta, dir, bytes, None, stats),
             Piece::Data { ts, len, prefix } => {
                 if let Proto::Unknown { tried } = &mut self.proto {
-                    match meta.role {
+                    let found = match meta.role {
                         None => {
                             // Role unknown (seen mid-way, no SYN): the side that starts a request
                             // is the client, the side that starts a response the server.
-                            if !prefix.is_empty() && starts_message(Side::Request, prefix) {
+                            if let Some(p) = detect(prefix) {
                                 meta.role = Some(Role::requesting_in(dir));
-                                self.proto = Proto::Http1(Box::default());
+                                Some(p)
                             } else if prefix.len() >= 7 && starts_message(Side::Response, prefix) {
                                 meta.role = Some(Role::requesting_in(dir.other()));
-                                self.proto = Proto::Http1(Box::default());
+                                Some(Detected::Http1)
                             } else {
-                                *tried += 1;
-                                if *tried >= MIDSTREAM_ATTEMPTS {
-                                    self.proto = Proto::Other;
-                                    stats.non_http_connections += 1;
-                                }
-                                return;
+                                None
                             }
                         }
-                        Some(role) => {
-                            let side = role.side_of(dir);
-                            if side == Side::Request && !prefix.is_empty() {
-                                if starts_message(Side::Request, prefix) {
-                                    self.proto = Proto::Http1(Box::default());
-                                } else if !meta.midstream || *tried >= MIDSTREAM_ATTEMPTS {
-                                    self.proto = Proto::Other;
-                                    stats.non_http_connections += 1;
-                                } else {
+                        Some(role) if role.side_of(dir) == Side::Request && !prefix.is_empty() => {
+                            detect(prefix)
+                        }
+                        Some(_) => None,
+                    };
+                    match found.map(decoder_for) {
+                        Some(Some(decoder)) => self.proto = Proto::Decoding(decoder),
+                        Some(None) => {
+                            // A protocol the probe recognises but does not decode yet.
+                            self.proto = Proto::Other;
+                            stats.non_http_connections += 1;
+                            return;
+                        }
+                        None => {
+                            let request_side =
+                                meta.role.map(|r| r.side_of(dir)) == Some(Side::Request);
+                            // Opened while watched, the client's first bytes decide; the server
+                            // speaking first is not a protocol decoded here (SMTP, MySQL, ...).
+                            let give_up = if meta.midstream {
+                                !prefix.is_empty() && {
                                     *tried += 1;
+                                    *tried >= MIDSTREAM_ATTEMPTS
                                 }
-                            } else if side == Side::Response && !meta.midstream {
-                                // The server spoke first: not HTTP/1 (Postgres, SMTP, ...).
+                            } else {
+                                meta.role.is_some()
+                                    && (request_side && !prefix.is_empty() || !request_side)
+                            };
+                            if give_up {
                                 self.proto = Proto::Other;
                                 stats.non_http_connections += 1;
                             }
+                            return;
                         }
                     }
                 }
-                let (Proto::Http1(http), Some(role)) = (&mut self.proto, meta.role) else {
+                let (Proto::Decoding(decoder), Some(role)) = (&mut self.proto, meta.role) else {
                     return;
                 };
                 let side = role.side_of(dir);
@@ -286,10 +296,7 @@ impl Decoder {
                 h.pieces += 1;
                 let mut anomalies = Vec::new();
                 let before = done.len();
-                match side {
-                    Side::Request => http.on_request_bytes(ts, prefix, len, done, &mut anomalies),
-                    Side::Response => http.on_response_bytes(ts, prefix, len, done, &mut anomalies),
-                }
+                decoder.on_bytes(side, ts, prefix, len, done, &mut anomalies);
                 self.exchanges += (done.len() - before) as u64;
                 count(stats, &anomalies);
             }
@@ -306,7 +313,7 @@ impl Decoder {
         stats: &mut ConnStats,
     ) {
         stats.stream_gaps += 1;
-        let Proto::Http1(http) = &mut self.proto else {
+        let Proto::Decoding(decoder) = &mut self.proto else {
             // Not decoding yet: the next request start is found as for a connection seen
             // mid-way.
             return;
@@ -315,10 +322,10 @@ impl Decoder {
         match (records, meta.role) {
             // Lost records may have been of either side.
             (Some(_), _) | (None, None) => {
-                http.gap(Side::Request, &mut anomalies);
-                http.gap(Side::Response, &mut anomalies);
+                decoder.gap(Side::Request, &mut anomalies);
+                decoder.gap(Side::Response, &mut anomalies);
             }
-            (None, Some(role)) => http.gap(role.side_of(dir), &mut anomalies),
+            (None, Some(role)) => decoder.gap(role.side_of(dir), &mut anomalies),
         }
         count(stats, &anomalies);
         // Whole requests inside a request-side gap (or a run of lost records, which may be of
@@ -372,14 +379,14 @@ fn count(stats: &mut ConnStats, anomalies: &[Anomaly]) {
 }
 
 impl Conn {
-    fn labelled(meta: &Meta, exchanges: Vec<Exchange>, done: &mut Vec<ConnExchange>) {
+    fn labelled(meta: &Meta, calls: Vec<Call>, done: &mut Vec<ConnExchange>) {
         let Some(role) = meta.role else { return };
-        done.extend(exchanges.into_iter().map(|exchange| ConnExchange {
+        done.extend(calls.into_iter().map(|call| ConnExchange {
             tgid: meta.tgid,
             cohort: meta.cohort,
             role,
             peer: meta.peer,
-            exchange,
+            call,
         }));
     }
 }
@@ -447,7 +454,7 @@ impl ConnTable {
                     peer,
                     midstream,
                 },
-                decoder: Decoder::new(),
+                decoder: StreamDecoder::new(),
                 last_seq: 0,
                 streams,
             },
@@ -643,25 +650,16 @@ impl ConnTable {
                 add_reassembly(&mut self.stats.reassembly, &before, r.stats());
             }
         }
-        let (Proto::Http1(http), Some(role)) = (&mut decoder.proto, meta.role) else {
+        let Proto::Decoding(dec) = &mut decoder.proto else {
             Conn::labelled(meta, exchanges, done);
             return Vec::new();
         };
-        let unanswered = http.close(&mut exchanges);
+        let left = dec.close(reset, &mut exchanges);
         Conn::labelled(meta, exchanges, done);
-        self.stats.unanswered_requests += unanswered.len() as u64;
+        self.stats.unanswered_requests += left.len() as u64;
+        let mut unanswered = Vec::new();
+        Conn::labelled(meta, left, &mut unanswered);
         unanswered
-            .into_iter()
-            .map(|(request, start_ts)| Unanswered {
-                tgid: meta.tgid,
-                cohort: meta.cohort,
-                role,
-                peer: meta.peer,
-                request,
-                start_ts,
-                reset,
-            })
-            .collect()
     }
 
     /// Forgets a connection that sampling cut off: exchanges it completes count, requests it had
@@ -691,7 +689,7 @@ impl ConnTable {
         self.conns
             .values()
             .map(|c| match &c.decoder.proto {
-                Proto::Http1(h) => h.in_flight(),
+                Proto::Decoding(d) => d.in_flight(),
                 _ => 0,
             })
             .sum()

@@ -22,6 +22,7 @@ pub fn to_proto(e: &RequestEvent) -> v1::RequestEvent {
         method: e.method.clone(),
         path: e.path.clone(),
         status: e.status.map(u32::from),
+        grpc_status: e.grpc_status,
         error: e.error.clone().unwrap_or_default(),
         start_unix_ns: e.start_unix_ns,
         duration_ns: e.duration_ns,
@@ -34,6 +35,7 @@ pub fn to_proto(e: &RequestEvent) -> v1::RequestEvent {
             .user_agent
             .iter()
             .map(|ua| ("user_agent".to_string(), ua.clone()))
+            .chain(e.attributes.iter().map(|(k, v)| (k.clone(), v.clone())))
             .collect(),
         ..v1::RequestEvent::default()
     }

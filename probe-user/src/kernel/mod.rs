@@ -64,8 +64,9 @@ const VERIFIER_TAIL: usize = 25;
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error(
-        "missing privileges: loading eBPF programs needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN); \
-         run bakeoff-probe as root or grant those capabilities ({detail})"
+        "missing privileges: loading eBPF programs needs CAP_BPF and CAP_PERFMON, and CAP_NET_ADMIN \
+         for the cgroup socket programs (or CAP_SYS_ADMIN); run bakeoff-probe as root or grant \
+         those capabilities ({detail})"
     )]
     Privileges { detail: String },
     #[error(

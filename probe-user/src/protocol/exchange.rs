@@ -3,7 +3,10 @@
 
 use std::collections::VecDeque;
 
-use super::http1::{DesyncReason, Head, MessageParser, Output, RequestContext, Side};
+use super::{
+    call::{Call, Decoder},
+    http1::{DesyncReason, Head, MessageParser, Output, RequestContext, Side},
+};
 
 /// One request and its response, with the timing and sizes the event needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -206,7 +209,7 @@ impl Http1Exchange {
     /// restarts at its next message start. Without pipelining, requests in flight stay paired
     /// (a response after the gap answers the newest request), except the message the gap cut
     /// into; a pipelining client loses everything in flight.
-    pub fn gap(&mut self, side: Side, anomalies: &mut Vec<Anomaly>) {
+    pub fn side_gap(&mut self, side: Side, anomalies: &mut Vec<Anomaly>) {
         self.gaps += 1;
         if self.pipelined {
             self.events_lost(anomalies);
@@ -276,7 +279,7 @@ impl Http1Exchange {
 
     /// The connection closed: a close-delimited response completes; requests still waiting are
     /// returned unanswered.
-    pub fn close(&mut self, done: &mut Vec<Exchange>) -> Vec<(Head, u64)> {
+    pub fn finish(&mut self, done: &mut Vec<Exchange>) -> Vec<(Head, u64)> {
         let mut out = Vec::new();
         if self.responses.close(&mut out) {
             self.on_response_outputs(out, done, &mut Vec::new());
@@ -285,6 +288,83 @@ impl Http1Exchange {
             .drain(..)
             .map(|p| (p.head, p.start_ts))
             .collect()
+    }
+}
+
+impl From<Exchange> for Call {
+    fn from(x: Exchange) -> Self {
+        Call {
+            protocol: "http1",
+            method: x.request.method,
+            path: x.request.path,
+            status: Some(x.response.status),
+            start_ts: x.start_ts,
+            end_ts: x.end_ts,
+            request_bytes: x.request_bytes,
+            response_bytes: x.response_bytes,
+            request_id: x.request.request_id,
+            traceparent: x.request.traceparent,
+            user_agent: x.request.user_agent,
+            ..Call::default()
+        }
+    }
+}
+
+/// A request that got no response, as a call with an error.
+pub fn unanswered(head: Head, start_ts: u64, protocol: &'static str, reset: bool) -> Call {
+    Call {
+        protocol,
+        method: head.method,
+        path: head.path,
+        error: Some(
+            if reset {
+                "connection reset before the response"
+            } else {
+                "connection closed before the response"
+            }
+            .to_string(),
+        ),
+        start_ts,
+        request_id: head.request_id,
+        traceparent: head.traceparent,
+        user_agent: head.user_agent,
+        ..Call::default()
+    }
+}
+
+impl Decoder for Http1Exchange {
+    fn on_bytes(
+        &mut self,
+        side: Side,
+        ts: u64,
+        prefix: &[u8],
+        len: u64,
+        done: &mut Vec<Call>,
+        anomalies: &mut Vec<Anomaly>,
+    ) {
+        let mut exchanges = Vec::new();
+        match side {
+            Side::Request => self.on_request_bytes(ts, prefix, len, &mut exchanges, anomalies),
+            Side::Response => self.on_response_bytes(ts, prefix, len, &mut exchanges, anomalies),
+        }
+        done.extend(exchanges.into_iter().map(Call::from));
+    }
+
+    fn gap(&mut self, side: Side, anomalies: &mut Vec<Anomaly>) {
+        self.side_gap(side, anomalies);
+    }
+
+    fn close(&mut self, reset: bool, done: &mut Vec<Call>) -> Vec<Call> {
+        let mut exchanges = Vec::new();
+        let left = self.finish(&mut exchanges);
+        done.extend(exchanges.into_iter().map(Call::from));
+        left.into_iter()
+            .map(|(head, ts)| unanswered(head, ts, "http1", reset))
+            .collect()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.pending.len()
     }
 }
 
@@ -477,7 +557,7 @@ mod tests {
                     x.on_response_bytes(2, &bytes, len, &mut done, &mut anomalies);
                 }
             }
-            let _ = x.close(&mut done);
+            let _ = x.finish(&mut done);
         }
     }
 
@@ -600,7 +680,7 @@ mod tests {
         let resp = b"HTTP/1.0 200 OK\r\n\r\nbody until close";
         x.on_response_bytes(4, resp, resp.len() as u64, &mut done, &mut an);
         assert_eq!(done.len(), 1);
-        let unanswered = x.close(&mut done);
+        let unanswered = x.finish(&mut done);
         assert!(unanswered.is_empty());
         assert_eq!(done.len(), 2);
         assert_eq!(done[1].response_bytes, resp.len() as u64);
@@ -612,7 +692,7 @@ mod tests {
         let mut x = Http1Exchange::new();
         let (mut done, mut an) = (Vec::new(), Vec::new());
         x.on_request_bytes(5, b"GET /crash HTTP/1.1\r\n\r\n", 23, &mut done, &mut an);
-        let unanswered = x.close(&mut done);
+        let unanswered = x.finish(&mut done);
         assert_eq!(unanswered.len(), 1);
         assert_eq!(unanswered[0].0.path, "/crash");
         assert_eq!(unanswered[0].1, 5);
@@ -648,7 +728,7 @@ mod tests {
         x.on_response_bytes(2, OK, OK.len() as u64, &mut done, &mut an);
         // /b's response is lost in a gap; /c is sent after it.
         x.on_request_bytes(3, b"GET /b HTTP/1.1\r\n\r\n", 19, &mut done, &mut an);
-        x.gap(Side::Response, &mut an);
+        x.side_gap(Side::Response, &mut an);
         x.on_request_bytes(5, b"GET /c HTTP/1.1\r\n\r\n", 19, &mut done, &mut an);
         x.on_response_bytes(6, OK, OK.len() as u64, &mut done, &mut an);
         let paths: Vec<&str> = done.iter().map(|d| d.request.path.as_str()).collect();
@@ -671,7 +751,7 @@ mod tests {
         let (mut done, mut an) = (Vec::new(), Vec::new());
         let head = b"POST /up HTTP/1.1\r\nContent-Length: 100\r\n\r\n";
         x.on_request_bytes(1, head, head.len() as u64 + 10, &mut done, &mut an);
-        x.gap(Side::Request, &mut an);
+        x.side_gap(Side::Request, &mut an);
         x.on_response_bytes(2, OK, OK.len() as u64, &mut done, &mut an);
         x.on_request_bytes(3, b"GET /next HTTP/1.1\r\n\r\n", 22, &mut done, &mut an);
         x.on_response_bytes(4, OK, OK.len() as u64, &mut done, &mut an);
@@ -691,7 +771,7 @@ mod tests {
             &mut done,
             &mut an,
         );
-        x.gap(Side::Response, &mut an);
+        x.side_gap(Side::Response, &mut an);
         x.on_response_bytes(2, OK, OK.len() as u64, &mut done, &mut an);
         assert!(done.is_empty(), "{done:?}");
     }

@@ -1,7 +1,10 @@
 //! Application protocols: framing parsers (pure functions over bytes) and request/response
 //! pairing per connection.
 
+pub mod call;
+pub mod detect;
 pub mod exchange;
 pub mod http1;
 
+pub use call::{Call, Decoder};
 pub use exchange::{Exchange, Http1Exchange};
