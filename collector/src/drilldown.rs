@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::SampleRow;
+use crate::{series::Outcome, store::SampleRow};
 
 /// One ranked dimension value.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -109,7 +109,7 @@ pub fn drilldown(
     let mut durations: HashMap<&str, Vec<u64>> = HashMap::new();
     for (r, e) in &rows {
         // Requests without a response have no latency.
-        if r.cohort == baseline && r.status.is_some() {
+        if r.cohort == baseline && r.outcome() != Outcome::Unanswered {
             durations.entry(e.as_str()).or_default().push(r.duration_ns);
         }
     }
@@ -118,7 +118,7 @@ pub fn drilldown(
         .filter_map(|(e, v)| Some((*e, quantile(v, q)?)))
         .collect();
     let bad = |r: &SampleRow, e: &str| match metric {
-        "errors" => r.status.is_none_or(|s| s >= 500),
+        "errors" => r.outcome() != Outcome::Ok,
         _ => limits.get(e).is_some_and(|&l| r.duration_ns > l),
     };
     #[derive(Default)]
@@ -201,6 +201,8 @@ mod tests {
             start_unix_ns: 0,
             duration_ns: ms * 1_000_000,
             status: Some(status),
+            grpc_status: None,
+            error: None,
             peer: Some("10.0.0.7:41000".into()),
             node: Some("n1".into()),
             // Pods differ between cohorts by construction.

@@ -725,7 +725,7 @@ fn over_time_charts(rows: &[&SampleRow], baseline: &str, canary: &str) -> Markup
         let i = (((r.start_unix_ns - t0) / width) as usize).min(buckets - 1);
         let side = usize::from(r.cohort == canary);
         cells[i][side].0.push(r.duration_ns as f64 / 1e6);
-        cells[i][side].1 += u64::from(r.status.is_none_or(|s| s >= 500));
+        cells[i][side].1 += u64::from(r.outcome() != crate::series::Outcome::Ok);
     }
     for cell in &mut cells {
         for (v, _) in cell.iter_mut() {
@@ -885,6 +885,8 @@ mod tests {
                     start_unix_ns: 1_700_000_000_000_000_000 + i * 1_000_000,
                     duration_ns: 1_000_000 + i,
                     status: Some(200),
+                    grpc_status: None,
+                    error: None,
                     peer: None,
                     node: None,
                     pod: None,

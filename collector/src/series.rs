@@ -74,12 +74,20 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn of(status: Option<u32>, grpc_status: Option<i32>) -> Self {
+    /// `error`: the probe reported one (no response, a reset, a SQL error); a request with
+    /// neither status nor error is a success of a protocol without statuses (Postgres).
+    pub fn of(
+        status: Option<u32>,
+        grpc_status: Option<i32>,
+        error: bool,
+        duration_ns: u64,
+    ) -> Self {
         match status {
-            None => Outcome::Unanswered,
+            None if error && duration_ns == 0 => Outcome::Unanswered,
+            None if error => Outcome::Error,
             Some(s) if s >= 500 => Outcome::Error,
-            Some(_) if grpc_status.is_some_and(|g| g != 0) => Outcome::Error,
-            Some(_) => Outcome::Ok,
+            _ if error || grpc_status.is_some_and(|g| g != 0) => Outcome::Error,
+            _ => Outcome::Ok,
         }
     }
 }
@@ -412,10 +420,15 @@ mod tests {
 
     #[test]
     fn outcomes() {
-        assert_eq!(Outcome::of(None, None), Outcome::Unanswered);
-        assert_eq!(Outcome::of(Some(503), None), Outcome::Error);
-        assert_eq!(Outcome::of(Some(200), Some(14)), Outcome::Error);
-        assert_eq!(Outcome::of(Some(404), None), Outcome::Ok);
+        assert_eq!(Outcome::of(None, None, true, 0), Outcome::Unanswered);
+        assert_eq!(Outcome::of(Some(503), None, false, 5), Outcome::Error);
+        assert_eq!(Outcome::of(Some(200), Some(14), false, 5), Outcome::Error);
+        assert_eq!(Outcome::of(Some(404), None, false, 5), Outcome::Ok);
+        // Postgres: no status; a SQL error has a latency, a success has neither.
+        assert_eq!(Outcome::of(None, None, true, 5), Outcome::Error);
+        assert_eq!(Outcome::of(None, None, false, 5), Outcome::Ok);
+        // HTTP/2: a RST_STREAM after the response headers.
+        assert_eq!(Outcome::of(Some(200), None, true, 5), Outcome::Error);
         assert_eq!(endpoint("GET", "/a?b=c"), "GET /a");
     }
 }

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     drilldown::DrillRow,
-    series::{Cell, Outcome, Snapshot},
+    series::{Cell, Snapshot},
     stats::{
         confseq,
         eprocess::{Direction, ShareTest, SuperiorityTest},
@@ -1137,10 +1137,7 @@ pub fn judge_rows(
                     r.endpoint(),
                     r.start_unix_ns,
                     r.duration_ns,
-                    Outcome::of(
-                        r.status.map(|s| s.clamp(0, i64::from(u32::MAX)) as u32),
-                        None,
-                    ),
+                    r.outcome(),
                 )
             }),
     );
@@ -1165,7 +1162,10 @@ pub fn attach_drilldown(v: &mut Verdict, rows: &[SampleRow], baseline: &str, can
 mod tests {
     use super::*;
 
-    use crate::stats::sim::{Rng, Shape};
+    use crate::{
+        series::Outcome,
+        stats::sim::{Rng, Shape},
+    };
 
     /// Simulated traffic at 1000 requests/s over three endpoints.
     struct Traffic {

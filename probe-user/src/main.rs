@@ -414,6 +414,11 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        // Stopping competes with the services for the CPU (they keep running, maybe at full
+        // load): a higher priority for these last moments keeps it prompt (best effort: needs
+        // CAP_SYS_NICE). Detaching the tracepoints below waits on the kernel once per hook.
+        // SAFETY: plain syscall on this process.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
         // What is in the ring buffer, for at most STOP_DRAIN: the services keep writing while
         // we stop, and a pod has 30 s in all.
         let stop_at = std::time::Instant::now() + STOP_DRAIN;
@@ -470,10 +475,6 @@ fn run(cli: Cli) -> Result<()> {
     });
     tracing::info!(%stats, "probe stopped");
     let detach_started = std::time::Instant::now();
-    // Detaching waits on the kernel once per tracepoint; on a saturated host, a higher priority
-    // for these last moments keeps the stop prompt (best effort: needs CAP_SYS_NICE).
-    // SAFETY: plain syscall on this process.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
     kernel.detach_data_hooks();
     drop(kernel);
     tracing::info!(
@@ -497,7 +498,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Records handled per turn of the main loop.
 const DRAIN_BATCH: usize = 32_768;
 /// Longest time spent reading the ring buffer at stop.
-const STOP_DRAIN: Duration = Duration::from_millis(500);
+const STOP_DRAIN: Duration = Duration::from_millis(300);
 
 /// Puts the matched cgroups on their data path: the cgroup hooks (and the socket-cgroup ->
 /// cohort map) or, with `--data-path syscall`, the syscall hooks' cgroup map.

@@ -12,7 +12,8 @@ use std::{fmt::Write as _, time::Duration};
 use bakeoff_proto::v1::RequestEvent;
 
 use super::{
-    ERROR_SQL, EVENT_COLUMNS, SAMPLE_COLUMNS, SampleRow, Store, StoreError, StoredEvent, opt,
+    ERROR_SQL, EVENT_COLUMNS, SAMPLE_COLUMNS, SampleRow, Store, StoreError, StoredEvent,
+    UNANSWERED_SQL, opt,
 };
 use crate::query::{Filter, GroupRow, clickhouse_quote, group_fields};
 use crate::series::{CellRow, MAX_DURATION_NS, NO_LATENCY};
@@ -229,7 +230,7 @@ impl Store for ClickHouseStore {
             )
         };
         let sql = format!(
-            "SELECT {key_sql}count() AS requests, countIf(status IS NULL OR status >= 500) AS errors, \
+            "SELECT {key_sql}count() AS requests, countIf({ERROR_SQL}) AS errors, \
              arraySort(groupArray(duration_ns)) AS s, length(s) AS n, \
              {} / 1e6 AS p50, {} / 1e6 AS p90, {} / 1e6 AS p99, sum(bytes_out) AS bytes_out \
              FROM {} WHERE {clause} {group_sql} ORDER BY requests DESC",
@@ -322,10 +323,10 @@ impl Store for ClickHouseStore {
         let sql = format!(
             "SELECT experiment, cohort, method, splitByChar('?', coalesce(route, path))[1] AS ep, \
              intDiv(start_unix_ns + duration_ns, 1000000000) AS second, \
-             if(status IS NULL, toInt32({NO_LATENCY}), \
+             if({UNANSWERED_SQL}, toInt32({NO_LATENCY}), \
                 toInt32(floor(log2(toFloat64(greatest(duration_ns, 1))) * 128))) AS bucket, \
              count() AS requests, countIf({ERROR_SQL}) AS errors, \
-             countIf(status IS NULL) AS unanswered \
+             countIf({UNANSWERED_SQL}) AS unanswered \
              FROM {} WHERE start_unix_ns >= {start_from} AND start_unix_ns < {to_ns} \
              AND start_unix_ns + duration_ns >= {from_ns} AND start_unix_ns + duration_ns < {to_ns} \
              AND duration_ns <= {MAX_DURATION_NS} \

@@ -11,11 +11,18 @@ fn event(cohort: &str, path: &str, status: Option<u32>, ms: u64) -> RequestEvent
         cohort: cohort.into(),
         path: path.into(),
         status,
-        duration_ns: ms * 1_000_000,
+        // A request without a response has no duration (the probe reports 0).
+        duration_ns: if status.is_some() { ms * 1_000_000 } else { 0 },
         start_unix_ns: 1_000 + ms,
         bytes_out: 10,
         peer: "10.0.0.1:80".into(),
         attributes: [("client".to_string(), "mobile".to_string())].into(),
+        // As the probe reports a request that got no response.
+        error: if status.is_none() {
+            "connection closed before the response".into()
+        } else {
+            String::new()
+        },
         ..RequestEvent::default()
     }
 }

@@ -24,7 +24,8 @@ use duckdb::{
 };
 
 use super::{
-    ERROR_SQL, EVENT_COLUMNS, SAMPLE_COLUMNS, SampleRow, Store, StoreError, StoredEvent, opt,
+    ERROR_SQL, EVENT_COLUMNS, SAMPLE_COLUMNS, SampleRow, Store, StoreError, StoredEvent,
+    UNANSWERED_SQL, opt,
 };
 use crate::query::{FIELDS, Filter, GroupRow, group_fields};
 use crate::series::{CellRow, MAX_DURATION_NS, NO_LATENCY};
@@ -376,7 +377,7 @@ impl Store for DuckDbStore {
             format!("GROUP BY {}", keys.join(", "))
         };
         let sql = format!(
-            "SELECT {key_sql}, count(*), count(*) FILTER (WHERE status IS NULL OR status >= 500), \
+            "SELECT {key_sql}, count(*), count(*) FILTER (WHERE {ERROR_SQL}), \
              quantile_cont(duration_ns, 0.5) / 1e6, quantile_cont(duration_ns, 0.9) / 1e6, \
              quantile_cont(duration_ns, 0.99) / 1e6, coalesce(sum(bytes_out), 0)::UBIGINT \
              FROM events WHERE {clause} {group_sql} ORDER BY count(*) DESC"
@@ -438,11 +439,13 @@ impl Store for DuckDbStore {
                 start_unix_ns: row.get(3)?,
                 duration_ns: row.get(4)?,
                 status: row.get(5)?,
-                peer: row.get(6)?,
-                node: row.get(7)?,
-                pod: row.get(8)?,
-                exe: row.get(9)?,
-                attributes: row.get(10)?,
+                grpc_status: row.get(6)?,
+                error: row.get(7)?,
+                peer: row.get(8)?,
+                node: row.get(9)?,
+                pod: row.get(10)?,
+                exe: row.get(11)?,
+                attributes: row.get(12)?,
             });
         }
         Ok(out)
@@ -464,9 +467,9 @@ impl Store for DuckDbStore {
         let sql = format!(
             "SELECT experiment, cohort, method, split_part(coalesce(route, path), '?', 1) AS ep, \
              (start_unix_ns + duration_ns) // 1000000000 AS second, \
-             CASE WHEN status IS NULL THEN {NO_LATENCY} \
+             CASE WHEN {UNANSWERED_SQL} THEN {NO_LATENCY} \
              ELSE CAST(floor(log2(greatest(duration_ns, 1)::DOUBLE) * 128) AS INTEGER) END AS bucket, \
-             count(*), count(*) FILTER (WHERE {ERROR_SQL}), count(*) FILTER (WHERE status IS NULL) \
+             count(*), count(*) FILTER (WHERE {ERROR_SQL}), count(*) FILTER (WHERE {UNANSWERED_SQL}) \
              FROM events WHERE start_unix_ns >= ? AND start_unix_ns < ? \
              AND start_unix_ns + duration_ns >= ? AND start_unix_ns + duration_ns < ? \
              AND duration_ns <= ? \

@@ -90,9 +90,14 @@ pub trait Store: Send + Sync + 'static {
     fn latest_end(&self, since_ns: u64) -> Result<Option<u64>, StoreError>;
 }
 
-/// Errors as the judge counts them (`series::Outcome`), valid SQL for both backends.
+/// Errors as the judge counts them (`series::Outcome`), valid SQL for both backends: an error
+/// reported by the probe (no response, a reset, a SQL error), a 5xx, a non-zero gRPC status.
+/// Protocols without a status (Postgres) succeed with neither.
 pub(crate) const ERROR_SQL: &str =
-    "status IS NULL OR status >= 500 OR (grpc_status IS NOT NULL AND grpc_status <> 0)";
+    "error IS NOT NULL OR status >= 500 OR (grpc_status IS NOT NULL AND grpc_status <> 0)";
+
+/// Requests that got no response at all (no latency to judge), valid SQL for both backends.
+pub(crate) const UNANSWERED_SQL: &str = "status IS NULL AND error IS NOT NULL AND duration_ns = 0";
 
 /// One request as the verdict reads it.
 #[derive(Clone, Debug, PartialEq, serde::Deserialize)]
@@ -105,6 +110,10 @@ pub struct SampleRow {
     pub start_unix_ns: u64,
     pub duration_ns: u64,
     pub status: Option<i64>,
+    #[serde(default)]
+    pub grpc_status: Option<i32>,
+    #[serde(default)]
+    pub error: Option<String>,
     /// Drill-down dimensions.
     pub peer: Option<String>,
     pub node: Option<String>,
@@ -119,8 +128,18 @@ impl SampleRow {
     pub fn endpoint(&self) -> String {
         crate::series::endpoint(&self.method, &self.path)
     }
+
+    /// How the judge counts this request.
+    pub fn outcome(&self) -> crate::series::Outcome {
+        crate::series::Outcome::of(
+            self.status.map(|s| s.clamp(0, i64::from(u32::MAX)) as u32),
+            self.grpc_status,
+            self.error.is_some(),
+            self.duration_ns,
+        )
+    }
 }
 
 /// Columns of `SampleRow`, in order, valid SQL for both backends.
 pub(crate) const SAMPLE_COLUMNS: &str = "cohort, method, coalesce(route, path) AS sample_path, start_unix_ns, duration_ns, status, \
-     peer, node, pod, exe, attributes";
+     grpc_status, error, peer, node, pod, exe, attributes";

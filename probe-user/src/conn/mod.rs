@@ -13,6 +13,7 @@ use crate::{
         detect::{Detected, detect},
         exchange::Anomaly,
         http1::{Side, starts_message},
+        http2::Http2Exchange,
     },
     stream::{
         Piece,
@@ -212,7 +213,8 @@ pub struct SegmentRecord<'a> {
 fn decoder_for(protocol: Detected) -> Option<Box<dyn Decoder>> {
     match protocol {
         Detected::Http1 => Some(Box::new(Http1Exchange::new())),
-        Detected::Http2 | Detected::Postgres => None,
+        Detected::Http2 => Some(Box::new(Http2Exchange::new(false))),
+        Detected::Postgres => None,
     }
 }
 
@@ -276,8 +278,7 @@ impl StreamDecoder {
                                     *tried >= MIDSTREAM_ATTEMPTS
                                 }
                             } else {
-                                meta.role.is_some()
-                                    && (request_side && !prefix.is_empty() || !request_side)
+                                meta.role.is_some() && (!request_side || !prefix.is_empty())
                             };
                             if give_up {
                                 self.proto = Proto::Other;

@@ -4,7 +4,9 @@
 pub mod call;
 pub mod detect;
 pub mod exchange;
+pub mod hpack;
 pub mod http1;
+pub mod http2;
 
 pub use call::{Call, Decoder};
 pub use exchange::{Exchange, Http1Exchange};
