@@ -309,6 +309,14 @@ impl Kernel {
         Ok(())
     }
 
+    /// Detaches the cgroup data path from every cohort cgroup.
+    pub fn detach_cgroup_path(&mut self) {
+        let dirs: Vec<PathBuf> = self.cgroup_links.keys().cloned().collect();
+        for dir in dirs {
+            self.detach_cgroup(&dir);
+        }
+    }
+
     /// Cohort cgroups the cgroup data path is attached to.
     pub fn cgroup_path_dirs(&self) -> usize {
         self.cgroup_links.len()
