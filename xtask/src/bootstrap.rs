@@ -14,6 +14,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("nginx-light", "/usr/sbin/nginx"),
     ("apache2-utils", "/usr/bin/ab"),
     ("nftables", "/usr/sbin/nft"),
+    ("postgresql-15", "/usr/lib/postgresql/15/bin/postgres"),
     ("procps", "/usr/bin/pgrep"),
     ("protobuf-compiler", "/usr/bin/protoc"),
     ("clickhouse-server", "/usr/sbin/clickhouse-server"),

@@ -14,6 +14,7 @@ use crate::{
         exchange::Anomaly,
         http1::{Side, starts_message},
         http2::Http2Exchange,
+        postgres::PostgresExchange,
     },
     stream::{
         Piece,
@@ -214,7 +215,7 @@ fn decoder_for(protocol: Detected) -> Option<Box<dyn Decoder>> {
     match protocol {
         Detected::Http1 => Some(Box::new(Http1Exchange::new())),
         Detected::Http2 => Some(Box::new(Http2Exchange::new(false))),
-        Detected::Postgres => None,
+        Detected::Postgres => Some(Box::new(PostgresExchange::new(false))),
     }
 }
 

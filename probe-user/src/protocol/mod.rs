@@ -7,6 +7,8 @@ pub mod exchange;
 pub mod hpack;
 pub mod http1;
 pub mod http2;
+pub mod postgres;
+pub mod sql;
 
 pub use call::{Call, Decoder};
 pub use exchange::{Exchange, Http1Exchange};
