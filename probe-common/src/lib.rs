@@ -192,7 +192,9 @@ pub struct SegmentHeader {
     /// Host byte order.
     pub local_port: u16,
     pub remote_port: u16,
-    pub _pad: u32,
+    /// TCP acknowledgment number (valid with the ACK flag): the other direction's bytes before
+    /// it reached this segment's sender, so any still missing were lost by the probe.
+    pub ack: u32,
     /// Network byte order; IPv4 in the first 4 bytes.
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
@@ -276,7 +278,8 @@ pub struct SockInfo {
     pub role: u32,
     /// Last data-event sequence number given out for this socket.
     pub seq: u32,
-    pub _pad: u32,
+    /// Reserved, 0.
+    pub flags: u32,
 }
 
 /// Arguments a `sys_enter_*` program saves for its `sys_exit_*` program, keyed by pid_tgid.

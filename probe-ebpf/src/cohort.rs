@@ -4,9 +4,9 @@ use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     programs::TracePointContext,
 };
-use probe_common::{COHORT_NONE, EventHeader, EventKind, ProcEvent};
+use probe_common::{COHORT_NONE, EventHeader, EventKind, ProcEvent, SockInfo, SockKey};
 
-use crate::maps::{COHORT_CGROUPS, COHORT_TGIDS, emit_now};
+use crate::maps::{COHORT_CGROUPS, COHORT_TGIDS, LAST_ACCEPT, SOCKETS, emit, emit_now};
 
 /// Offsets in the `sched_*` tracepoint records (see `/sys/kernel/tracing/events/sched/*/format`).
 const FORK_CHILD_PID: usize = 20;
@@ -63,17 +63,63 @@ pub fn on_exec(ctx: &TracePointContext) {
 /// (cgroup cohorts need nothing: children start in their parent's cgroup.)
 pub fn on_fork(ctx: &TracePointContext) {
     let parent = current_tgid();
-    let Some(cohort) = (unsafe { COHORT_TGIDS.get(parent) }).copied() else {
-        return;
+    let by_tgid = (unsafe { COHORT_TGIDS.get(parent) }).copied();
+    let cohort = match by_tgid {
+        Some(c) => c,
+        None => current_cohort(parent),
     };
+    if cohort == COHORT_NONE {
+        return;
+    }
     let Ok(child) = (unsafe { ctx.read_at::<i32>(FORK_CHILD_PID) }) else {
         return;
     };
     let child = child as u32;
+    inherit_last_accept(parent, child);
+    if by_tgid.is_none() {
+        // A cgroup cohort: the child starts in its parent's cgroup, nothing else to do.
+        return;
+    }
     if COHORT_TGIDS.insert(child, cohort, 0).is_err() {
         crate::maps::count_drop(probe_common::drop_reason::SOCKETS_FULL);
     }
     emit_now(&proc_event(EventKind::Fork, parent, child, cohort));
+}
+
+/// A prefork server's child answers on the connection its parent accepted just before the
+/// fork: it gets its own socket entry (the parent then closes its copy) and user space a
+/// connection record with the peer.
+fn inherit_last_accept(parent: u32, child: u32) {
+    // SAFETY: copied out at once.
+    let Some(mut conn) = (unsafe { LAST_ACCEPT.get(parent) }).copied() else {
+        return;
+    };
+    let key = SockKey {
+        tgid: parent,
+        fd: conn.fd,
+    };
+    // SAFETY: copied out at once.
+    let Some(info) = (unsafe { SOCKETS.get(key) }).copied() else {
+        return;
+    };
+    let own = SockInfo { seq: 0, ..info };
+    if SOCKETS
+        .insert(
+            SockKey {
+                tgid: child,
+                fd: conn.fd,
+            },
+            own,
+            0,
+        )
+        .is_err()
+    {
+        crate::maps::count_drop(probe_common::drop_reason::SOCKETS_FULL);
+        return;
+    }
+    conn.header.tgid = child;
+    conn.header.ts_ns = unsafe { bpf_ktime_get_ns() };
+    emit(&conn);
 }
 
 /// Forgets an exiting thread's inherited entry, and the whole process when its last thread exits.
@@ -94,5 +140,6 @@ pub fn on_exit(ctx: &TracePointContext) {
         return;
     }
     let _ = COHORT_TGIDS.remove(tgid);
+    let _ = LAST_ACCEPT.remove(tgid);
     emit_now(&proc_event(EventKind::Exit, tgid, tgid, cohort));
 }

@@ -7,10 +7,11 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::generated::{bpf_ringbuf_output, bpf_ringbuf_query},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use probe_common::{
-    CallArgs, DataScratch, SAMPLE_SCALE, SegmentScratch, SockInfo, SockKey, drop_reason, setting,
+    CallArgs, ConnEvent, DataScratch, SAMPLE_SCALE, SegmentScratch, SockInfo, SockKey, drop_reason,
+    setting,
 };
 
 /// tgid -> cohort. Written by user space (rules) and by `sched_process_fork` (inheritance).
@@ -22,9 +23,16 @@ pub static COHORT_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0)
 pub static COHORT_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
 
 /// Tracked sockets of cohort processes. Also the data hooks' only filter: a miss here is all
-/// a non-cohort process pays.
+/// a non-cohort process pays. LRU: an entry whose close was never seen (a process killed, an
+/// fd inherited and dropped) ages out instead of filling the map.
 #[map]
-pub static SOCKETS: HashMap<SockKey, SockInfo> = HashMap::with_max_entries(65536, 0);
+pub static SOCKETS: LruHashMap<SockKey, SockInfo> = LruHashMap::with_max_entries(65536, 0);
+
+/// tgid -> the connection it accepted last, while it holds it: a prefork server (Postgres,
+/// Apache prefork) forks a child right after each accept, and the child answers on it; the
+/// fork hook gives the child its own entry, with the peer.
+#[map]
+pub static LAST_ACCEPT: HashMap<u32, ConnEvent> = HashMap::with_max_entries(16384, 0);
 
 /// Arguments saved between `sys_enter_*` and `sys_exit_*` of one thread (key: pid_tgid).
 #[map]

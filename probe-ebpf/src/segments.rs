@@ -162,7 +162,7 @@ pub fn on_segment(ctx: &SkBuffContext, direction: u8) {
         h.captured = captured;
         h.flags = flags;
         h.direction = direction;
-        h._pad = 0;
+        h.ack = u32::from_be_bytes(tcp.ack);
         h.local_port = (*skb).local_port as u16;
         // remote_port holds the port in network byte order, in the upper half on little-endian
         // kernels (shifted by the context rewrite) and the lower half on others.

@@ -12,7 +12,7 @@ use probe_common::{
 
 use crate::{
     cohort::{current_cohort, current_tgid},
-    maps::{CALLS, SOCKETS, count_drop, emit, sample},
+    maps::{CALLS, LAST_ACCEPT, SOCKETS, count_drop, emit, sample},
 };
 
 /// Offsets of the first arguments and of the return value in `syscalls/sys_{enter,exit}_*`.
@@ -177,11 +177,14 @@ pub fn exit_accept_or_connect(ctx: &TracePointContext) {
         cohort: args.cohort,
         role: args.role,
         seq: 0,
-        _pad: 0,
+        flags: 0,
     };
     if SOCKETS.insert(SockKey { tgid, fd }, info, 0).is_err() {
         count_drop(drop_reason::SOCKETS_FULL);
         return;
+    }
+    if args.role == conn_role::SERVER {
+        let _ = LAST_ACCEPT.insert(tgid, event, 0);
     }
     emit(&event);
 }
@@ -201,6 +204,9 @@ pub fn enter_close(ctx: &TracePointContext) {
         return;
     };
     let _ = SOCKETS.remove(key);
+    if unsafe { LAST_ACCEPT.get(tgid) }.is_some_and(|a| a.fd == key.fd) {
+        let _ = LAST_ACCEPT.remove(tgid);
+    }
     emit(&ConnEvent {
         header: EventHeader {
             kind: EventKind::Close as u32,

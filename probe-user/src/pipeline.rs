@@ -18,7 +18,7 @@ pub trait Membership {
     fn set_tgid(&mut self, tgid: u32, cohort: u32) -> Result<(), KernelError>;
     fn remove_tgid(&mut self, tgid: u32);
     fn track_socket(&mut self, key: SockKey, info: SockInfo) -> Result<(), KernelError>;
-    fn untrack_process(&mut self, tgid: u32);
+    fn untrack_sockets(&mut self, tgid: u32, fds: &[u32]);
 }
 
 impl Membership for Kernel {
@@ -31,8 +31,8 @@ impl Membership for Kernel {
     fn track_socket(&mut self, key: SockKey, info: SockInfo) -> Result<(), KernelError> {
         Kernel::track_socket(self, key, info)
     }
-    fn untrack_process(&mut self, tgid: u32) {
-        Kernel::untrack_process(self, tgid)
+    fn untrack_sockets(&mut self, tgid: u32, fds: &[u32]) {
+        Kernel::untrack_sockets(self, tgid, fds)
     }
 }
 
@@ -140,6 +140,20 @@ impl Pipeline {
         }
     }
 
+    /// The executable most of a cohort's known processes run (a server's forked workers).
+    fn cohort_exe(&self, cohort: u32) -> Option<String> {
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for p in self.procs.values() {
+            if p.cohort == cohort && !p.exe.is_empty() {
+                *counts.entry(p.exe.as_str()).or_default() += 1;
+            }
+        }
+        counts
+            .into_iter()
+            .max_by_key(|(exe, n)| (*n, std::cmp::Reverse(*exe)))
+            .map(|(exe, _)| exe.to_string())
+    }
+
     /// Processes per cohort, every cohort listed (0 for a rule that matches nothing).
     pub fn cohort_members(&self) -> Vec<(String, u64)> {
         self.cohorts
@@ -214,7 +228,9 @@ impl Pipeline {
     }
 
     fn register(&mut self, tgid: u32, cohort: u32, via_cgroup: bool) {
-        let exe = proc::exe_of(tgid).unwrap_or_default();
+        // A short-lived process (a Postgres backend of one psql command) may be gone before its
+        // first record is read: then it most likely ran what most of its cohort runs.
+        let exe = proc::exe_of(tgid).unwrap_or_else(|| self.cohort_exe(cohort).unwrap_or_default());
         self.procs.insert(
             tgid,
             Process {
@@ -261,7 +277,7 @@ impl Pipeline {
                     conn_role::CLIENT
                 },
                 seq: 0,
-                _pad: 0,
+                flags: 0,
             };
             if m.track_socket(SockKey { tgid, fd: s.fd }, info).is_ok() {
                 self.table.open(
@@ -332,7 +348,7 @@ impl Pipeline {
             record::Record::Proc(_, e) => {
                 let tgid = e.header.tgid;
                 self.procs.remove(&tgid);
-                m.untrack_process(tgid);
+                m.untrack_sockets(tgid, &self.table.fds_of(tgid));
                 unanswered = self.table.close_process(tgid, &mut done);
             }
             record::Record::Conn(e) => {
@@ -410,6 +426,7 @@ impl Pipeline {
                     prefix: payload,
                     syn: h.flags & tcp_flag::SYN != 0,
                     ack: h.flags & tcp_flag::ACK != 0,
+                    ack_seq: h.ack,
                     fin: h.flags & tcp_flag::FIN != 0,
                     rst: h.flags & tcp_flag::RST != 0,
                     peer: remote,

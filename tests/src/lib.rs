@@ -9,6 +9,7 @@ pub mod collector;
 pub mod metrics;
 pub mod netns;
 pub mod otlp;
+pub mod postgres;
 pub mod probe;
 pub mod process;
 pub mod tls;

@@ -290,7 +290,9 @@ fn ring_flood(path: &str) -> Result<()> {
     for round in 0..5 {
         std::thread::sleep(Duration::from_millis(300));
         for (c, conn) in conns.iter_mut().enumerate() {
-            let request = Request::get("/bytes/2000", &format!("calm-{c}-{round}"));
+            // Calm: spaced so that the 8 KiB ring buffer never fills.
+            std::thread::sleep(Duration::from_millis(20));
+            let request = Request::get("/bytes/300", &format!("calm-{c}-{round}"));
             let response = conn.request(&request)?;
             calm.push(Sent { request, response });
         }

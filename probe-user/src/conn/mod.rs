@@ -5,7 +5,10 @@
 //! one record per read or write; the cgroup path keys them by socket cookie and sees TCP
 //! segments, put back in order per direction by `stream::tcp`.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+};
 
 use crate::{
     protocol::{
@@ -180,8 +183,28 @@ pub struct ConnTable {
     conns: HashMap<ConnKey, Conn>,
     max_connections: usize,
     limits: Limits,
+    /// Listening sockets (cookies that received a SYN).
+    listeners: std::collections::HashSet<u64>,
+    /// Data that reached a listener: the segment that completed a handshake whose last ACK was
+    /// lost goes through the listener's filter, not the new socket's. Kept by peer until the
+    /// accepted socket shows up (bounded, oldest dropped).
+    handoff: VecDeque<(SocketAddr, u64, OwnedSegment)>,
     pub stats: ConnStats,
 }
+
+/// A segment kept for later (see `ConnTable::handoff`).
+#[derive(Clone, Debug)]
+struct OwnedSegment {
+    tgid: u32,
+    ts: u64,
+    seq: u32,
+    len: u32,
+    prefix: Vec<u8>,
+    fin: bool,
+}
+
+/// Segments kept for accepted sockets not seen yet.
+const HANDOFF_MAX: usize = 256;
 
 impl Default for ConnTable {
     fn default() -> Self {
@@ -205,6 +228,8 @@ pub struct SegmentRecord<'a> {
     pub prefix: &'a [u8],
     pub syn: bool,
     pub ack: bool,
+    /// The acknowledgment number (meaningful with `ack`).
+    pub ack_seq: u32,
     pub fin: bool,
     pub rst: bool,
     pub peer: SocketAddr,
@@ -399,6 +424,8 @@ impl ConnTable {
             conns: HashMap::new(),
             max_connections,
             limits: Limits::default(),
+            listeners: Default::default(),
+            handoff: VecDeque::new(),
             stats: ConnStats::default(),
         }
     }
@@ -518,6 +545,16 @@ impl ConnTable {
             // A SYN reaching a listener, or a SYN-ACK leaving it, belongs to the listening
             // socket: the accepted socket is a new one, first seen at its data.
             let handshake_of_listener = seg.syn && (seg.dir == Direction::Ingress) != seg.ack;
+            if let ConnKey::Socket(cookie) = key {
+                if seg.syn && seg.dir == Direction::Ingress && !seg.ack {
+                    if self.listeners.len() < HANDOFF_MAX * 16 {
+                        self.listeners.insert(cookie);
+                    }
+                } else if seg.len > 0 && self.listeners.contains(&cookie) {
+                    self.keep_for_handoff(seg);
+                    return Vec::new();
+                }
+            }
             if seg.rst || (seg.len == 0 && !seg.syn) || handshake_of_listener {
                 return Vec::new();
             }
@@ -534,6 +571,33 @@ impl ConnTable {
             );
             if !self.conns.contains_key(&key) {
                 return unanswered;
+            }
+            // Its first data may have gone through the listener (see `handoff`).
+            if let Some(i) = self
+                .handoff
+                .iter()
+                .position(|(peer, _, _)| *peer == seg.peer)
+                && let Some((_, cohort, first)) = self.handoff.remove(i)
+            {
+                let record = SegmentRecord {
+                    tgid: first.tgid,
+                    cohort: cohort as u32,
+                    dir: Direction::Ingress,
+                    ts: first.ts,
+                    seq: first.seq,
+                    len: first.len,
+                    prefix: &first.prefix,
+                    syn: false,
+                    ack: false,
+                    ack_seq: 0,
+                    fin: first.fin,
+                    rst: false,
+                    peer: seg.peer,
+                };
+                let mut more = self.segment(key, &record, done);
+                more.extend(unanswered);
+                more.extend(self.segment(key, seg, done));
+                return more;
             }
         }
         let Self { conns, stats, .. } = self;
@@ -553,6 +617,17 @@ impl ConnTable {
             return Vec::new();
         };
         let mut exchanges = Vec::new();
+        if seg.ack {
+            // What this segment's sender acknowledged of the other direction exists: holes
+            // below it there are the probe's losses, given up now.
+            let other_dir = seg.dir.other();
+            let other = &mut streams[other_dir.index()];
+            let before = other.stats().clone();
+            other.acknowledged(seg.ack_seq, &mut |piece| {
+                decoder.feed(meta, other_dir, piece, stats, &mut exchanges)
+            });
+            add_reassembly(&mut stats.reassembly, &before, other.stats());
+        }
         if seg.len > 0 {
             // Data this way at `ts` means the other way's older holes will never fill (without
             // pipelining, each side waits for the other): give them up before feeding this, so
@@ -585,6 +660,25 @@ impl ConnTable {
             return self.close(key, true, done);
         }
         Vec::new()
+    }
+
+    /// Keeps a data segment that reached a listener until its accepted socket shows up.
+    fn keep_for_handoff(&mut self, seg: &SegmentRecord<'_>) {
+        if self.handoff.len() >= HANDOFF_MAX {
+            self.handoff.pop_front();
+        }
+        self.handoff.push_back((
+            seg.peer,
+            u64::from(seg.cohort),
+            OwnedSegment {
+                tgid: seg.tgid,
+                ts: seg.ts,
+                seq: seg.seq,
+                len: seg.len,
+                prefix: seg.prefix.to_vec(),
+                fin: seg.fin,
+            },
+        ));
     }
 
     /// Gives up on TCP holes older than the reassembly timeout (called periodically).
@@ -670,6 +764,17 @@ impl ConnTable {
         let unanswered = self.close(key, false, done);
         self.stats.unanswered_requests -= unanswered.len() as u64;
         self.stats.requests_sampled_out += unanswered.len() as u64;
+    }
+
+    /// The fds of a process's tracked (tgid, fd) connections.
+    pub fn fds_of(&self, tgid: u32) -> Vec<u32> {
+        self.conns
+            .keys()
+            .filter_map(|k| match k {
+                ConnKey::Fd { tgid: t, fd } if *t == tgid => Some(*fd),
+                _ => None,
+            })
+            .collect()
     }
 
     /// A process exited: its (tgid, fd) connections are gone (the kernel closes them without a

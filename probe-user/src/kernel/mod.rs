@@ -464,16 +464,11 @@ impl Kernel {
             .map_err(map_err("SOCKETS"))
     }
 
-    /// Forgets every tracked socket of a process (it exited).
-    pub fn untrack_process(&mut self, tgid: u32) {
-        let keys: Vec<SockKey> = self
-            .sockets
-            .keys()
-            .flatten()
-            .filter(|k| k.tgid == tgid)
-            .collect();
-        for k in keys {
-            let _ = self.sockets.remove(&k);
+    /// Forgets tracked sockets of a process that exited (the ones user space knew of; the
+    /// others age out of the LRU map). One map operation per socket, never a scan of the map.
+    pub fn untrack_sockets(&mut self, tgid: u32, fds: &[u32]) {
+        for &fd in fds {
+            let _ = self.sockets.remove(&SockKey { tgid, fd });
         }
     }
 

@@ -814,13 +814,22 @@ fn render(t: &[NTok<'_>]) -> String {
 /// most [`MAX_LEN`] bytes then ` ...`. Never panics, and `normalize(normalize(s)) ==
 /// normalize(s)`.
 pub fn normalize(sql: &str) -> String {
-    render(&collapse(to_ntoks(sql)))
+    render(&without_final_semicolons(collapse(to_ntoks(sql))))
+}
+
+/// A statement ends where its text ends: `SELECT 1;` (as pgbench prepares it) and `SELECT 1`
+/// (one statement of a multi-statement query) are one endpoint.
+fn without_final_semicolons(mut t: Vec<NTok<'_>>) -> Vec<NTok<'_>> {
+    while t.last().is_some_and(|tok| tok.text == ";") {
+        t.pop();
+    }
+    t
 }
 
 /// Like [`normalize`] for a statement the capture cut: ends with ` …`. A string, comment or
 /// quoted identifier left open by the cut still normalizes (a string to `$?`).
 pub fn normalize_cut(sql: &str) -> String {
-    let mut t = collapse(to_ntoks(sql));
+    let mut t = without_final_semicolons(collapse(to_ntoks(sql)));
     t.push(NTok::new(NKind::Other, CUT_MARK));
     render(&t)
 }

@@ -241,6 +241,40 @@ impl Reassembler {
         }
     }
 
+    /// The other end acknowledged every byte before `ack`: those bytes exist, so a hole below
+    /// it was lost by the probe, not by the network (a retransmission is seen before it can be
+    /// acknowledged). Gives such holes up now, not at the timeout, so the decoder resumes in
+    /// step with the other direction.
+    /// Before this direction started, an acknowledgment says where it starts: a connection
+    /// first seen mid-way (an accepted one: its handshake went to the listener) then does not
+    /// lose its first bytes when their segment is retransmitted after a later one.
+    pub fn acknowledged(&mut self, ack: u32, out: &mut dyn FnMut(Piece<'_>)) {
+        if self.phase == Phase::Unstarted {
+            self.next_seq = ack;
+            self.phase = Phase::Open;
+            return;
+        }
+        if self.phase != Phase::Open {
+            return;
+        }
+        let ahead = i64::from(ack.wrapping_sub(self.next_seq) as i32);
+        if ahead <= 0 || ahead >= MAX_AHEAD as i64 {
+            return;
+        }
+        let acked_to = self.next_offset + ahead as u64;
+        while let Some(hole_end) = self.hole_end()
+            && hole_end <= acked_to
+            && hole_end > self.next_offset
+        {
+            self.give_up_hole(hole_end, out);
+            self.drain(out);
+        }
+        if self.next_offset < acked_to && self.phase == Phase::Open {
+            self.give_up_hole(acked_to, out);
+            self.drain(out);
+        }
+    }
+
     /// Gives up every hole with data behind it seen at or before `ts`: the caller knows from the
     /// other direction that the hole will not be filled (a server answered, so it read past
     /// it; only records lost by the probe leave such a hole).
@@ -998,6 +1032,52 @@ mod tests {
         assert_eq!(h.reassembler.buffered_bytes(), 0);
         assert_eq!(h.stats().buffer_overflows, 3);
         assert_eq!(h.stats().gap_bytes, 2 + 1 + 987);
+    }
+
+    #[test]
+    fn acknowledged_bytes_that_never_came_are_a_gap_at_once() {
+        let mut r = Reassembler::new(Limits::default());
+        let mut got = Vec::new();
+        {
+            let mut out = |p: Piece<'_>| got.push(format!("{p:?}"));
+            r.push(&at(1, seg(100, b"aaaa")), &mut out);
+            // 104..110 lost; the peer acknowledges up to 110: a gap, nothing to wait for.
+            r.acknowledged(110, &mut out);
+            r.push(&at(2, seg(110, b"bb")), &mut out);
+            // A stale or duplicate acknowledgment changes nothing.
+            r.acknowledged(105, &mut out);
+        }
+        assert_eq!(
+            got,
+            [
+                "Data { ts: 1, len: 4, prefix: [97, 97, 97, 97] }",
+                "Gap { bytes: Some(6) }",
+                "Data { ts: 2, len: 2, prefix: [98, 98] }",
+            ]
+        );
+        // Unstarted, an acknowledgment says where the stream starts: a first segment lost and
+        // retransmitted after a later one still arrives in order.
+        let mut r = Reassembler::new(Limits::default());
+        let mut got = Vec::new();
+        {
+            let mut out = |p: Piece<'_>| got.push(format!("{p:?}"));
+            r.acknowledged(100, &mut out);
+            r.push(&at(2, seg(104, b"bb")), &mut out);
+            r.push(&at(3, seg(100, b"aaaa")), &mut out);
+        }
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[0].starts_with("Data { ts: 3, len: 4"), "{got:?}");
+        // Holes below the acknowledgment with data behind them go too.
+        let mut r = Reassembler::new(Limits::default());
+        let mut got = Vec::new();
+        {
+            let mut out = |p: Piece<'_>| got.push(format!("{p:?}"));
+            r.push(&at(1, seg(100, b"aa")), &mut out);
+            r.push(&at(3, seg(104, b"cc")), &mut out);
+            r.acknowledged(106, &mut out);
+        }
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[1], "Gap { bytes: Some(2) }");
     }
 
     #[test]
