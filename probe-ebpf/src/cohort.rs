@@ -75,7 +75,6 @@ pub fn on_fork(ctx: &TracePointContext) {
         return;
     };
     let child = child as u32;
-    inherit_last_accept(parent, child);
     if by_tgid.is_none() {
         // A cgroup cohort: the child starts in its parent's cgroup, nothing else to do.
         return;
@@ -84,6 +83,26 @@ pub fn on_fork(ctx: &TracePointContext) {
         crate::maps::count_drop(probe_common::drop_reason::SOCKETS_FULL);
     }
     emit_now(&proc_event(EventKind::Fork, parent, child, cohort));
+}
+
+/// Offsets in `task/task_newtask` (see its `format` in tracefs).
+const NEWTASK_PID: usize = 8;
+const NEWTASK_CLONE_FLAGS: usize = 32;
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+/// A new process (not a thread: threads share their process's sockets already) of a process
+/// that holds a connection it just accepted inherits it. One lookup for every new task.
+pub fn on_new_task(ctx: &TracePointContext) {
+    let Ok(flags) = (unsafe { ctx.read_at::<u64>(NEWTASK_CLONE_FLAGS) }) else {
+        return;
+    };
+    if flags & CLONE_THREAD != 0 {
+        return;
+    }
+    let Ok(child) = (unsafe { ctx.read_at::<i32>(NEWTASK_PID) }) else {
+        return;
+    };
+    inherit_last_accept(current_tgid(), child as u32);
 }
 
 /// A prefork server's child answers on the connection its parent accepted just before the

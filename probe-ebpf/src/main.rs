@@ -55,6 +55,12 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     0
 }
 
+#[tracepoint(category = "task", name = "task_newtask")]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    cohort::on_new_task(&ctx);
+    0
+}
+
 #[tracepoint(category = "sched", name = "sched_process_exit")]
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     cohort::on_exit(&ctx);

@@ -293,22 +293,57 @@ pub fn span(e: &RequestEvent, ids: &mut IdSource) -> Span {
             (t, Vec::new())
         }
     };
-    let (path, query) = match e.path.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (e.path.as_str(), None),
-    };
     let mut attributes = vec![
-        text("http.request.method", &e.method),
-        text("url.path", path),
-        text("network.protocol.name", "http"),
         text("bakeoff.experiment", &e.experiment),
         text("bakeoff.cohort", &e.cohort),
         kv("process.pid", Value::IntValue(i64::from(e.pid))),
         kv("bakeoff.bytes_in", Value::IntValue(e.bytes_in as i64)),
         kv("bakeoff.bytes_out", Value::IntValue(e.bytes_out as i64)),
     ];
-    if let Some(q) = query {
-        attributes.push(text("url.query", q));
+    let attr = |k: &str| e.attributes.get(k).map(String::as_str);
+    // Semantic conventions per protocol: HTTP, RPC (gRPC), database (Postgres).
+    let name = match e.protocol.as_str() {
+        "grpc" => {
+            attributes.push(text("rpc.system", "grpc"));
+            if let Some(g) = e.grpc_status {
+                attributes.push(kv("rpc.grpc.status_code", Value::IntValue(i64::from(g))));
+            }
+            e.path.trim_start_matches('/').to_string()
+        }
+        "postgres" => {
+            attributes.push(text("db.system", "postgresql"));
+            attributes.push(text("db.query.text", &e.path));
+            let operation = e.path.split_whitespace().next().unwrap_or("SQL");
+            attributes.push(text("db.operation.name", operation));
+            if let Some(db) = attr("db.name") {
+                attributes.push(text("db.namespace", db));
+            }
+            if let Some(code) = attr("db.sqlstate") {
+                attributes.push(text("db.response.status_code", code));
+            }
+            match attr("db.name") {
+                Some(db) => format!("{operation} {db}"),
+                None => operation.to_string(),
+            }
+        }
+        _ => {
+            let (path, query) = match e.path.split_once('?') {
+                Some((p, q)) => (p, Some(q)),
+                None => (e.path.as_str(), None),
+            };
+            attributes.push(text("http.request.method", &e.method));
+            attributes.push(text("url.path", path));
+            attributes.push(text("network.protocol.name", "http"));
+            if let Some(q) = query {
+                attributes.push(text("url.query", q));
+            }
+            e.method.clone()
+        }
+    };
+    for key in ["rpc.service", "rpc.method", "db.user", "db.rows", "decoded"] {
+        if let Some(v) = attr(key) {
+            attributes.push(text(key, v));
+        }
     }
     if let Some(s) = e.status {
         attributes.push(kv(
@@ -328,12 +363,17 @@ pub fn span(e: &RequestEvent, ids: &mut IdSource) -> Span {
     if !e.request_id.is_empty() {
         attributes.push(text("bakeoff.request_id", &e.request_id));
     }
-    let failed = e.status.is_none_or(|s| s >= 500);
+    // As the collector's judge counts errors: reported by the probe, a 5xx, a gRPC status.
+    let failed = !e.error.is_empty()
+        || e.status.is_some_and(|s| s >= 500)
+        || e.grpc_status.is_some_and(|g| g != 0)
+        || (e.status.is_none() && e.protocol != "postgres");
     if failed {
-        let error_type = match e.status {
-            Some(s) => s.to_string(),
-            None if e.error.is_empty() => "no_response".to_string(),
-            None => e.error.clone(),
+        let error_type = match (e.status, e.grpc_status) {
+            (_, Some(g)) if g != 0 => g.to_string(),
+            (Some(s), _) if s >= 500 => s.to_string(),
+            _ if !e.error.is_empty() => e.error.clone(),
+            _ => "no_response".to_string(),
         };
         attributes.push(text("error.type", &error_type));
     }
@@ -341,7 +381,7 @@ pub fn span(e: &RequestEvent, ids: &mut IdSource) -> Span {
         trace_id,
         span_id: ids.next().to_be_bytes().to_vec(),
         parent_span_id,
-        name: e.method.clone(),
+        name,
         kind: if e.role == "client" {
             SpanKind::Client
         } else {
@@ -430,6 +470,41 @@ mod tests {
             traceparent: traceparent.into(),
             ..RequestEvent::default()
         }
+    }
+
+    #[test]
+    fn grpc_and_postgres_spans_follow_their_conventions() {
+        let mut ids = IdSource::new();
+        let mut grpc = event("", Some(200));
+        grpc.protocol = "grpc".into();
+        grpc.method = "POST".into();
+        grpc.path = "/shop.Cart/Checkout".into();
+        grpc.grpc_status = Some(14);
+        grpc.attributes = [
+            ("rpc.service".to_string(), "shop.Cart".to_string()),
+            ("rpc.method".to_string(), "Checkout".to_string()),
+        ]
+        .into();
+        let s = span(&grpc, &mut ids);
+        assert_eq!(s.name, "shop.Cart/Checkout");
+        assert_eq!(attr(&s, "rpc.system"), Some(&Value::StringValue("grpc".into())));
+        assert_eq!(attr(&s, "rpc.grpc.status_code"), Some(&Value::IntValue(14)));
+        assert_eq!(attr(&s, "rpc.method"), Some(&Value::StringValue("Checkout".into())));
+        assert_eq!(s.status.as_ref().map(|st| st.code), Some(StatusCode::Error as i32));
+        let mut sql = event("", None);
+        sql.protocol = "postgres".into();
+        sql.method = "SQL".into();
+        sql.path = "SELECT payload FROM items WHERE id = $1".into();
+        sql.attributes = [("db.name".to_string(), "shop".to_string())].into();
+        let s = span(&sql, &mut ids);
+        assert_eq!(s.name, "SELECT shop");
+        assert_eq!(
+            attr(&s, "db.query.text"),
+            Some(&Value::StringValue("SELECT payload FROM items WHERE id = $1".into()))
+        );
+        assert!(attr(&s, "http.request.method").is_none());
+        // No status is not an error for a protocol without statuses.
+        assert_eq!(s.status.as_ref().map(|st| st.code), Some(StatusCode::Unset as i32));
     }
 
     fn attr<'a>(s: &'a Span, key: &str) -> Option<&'a Value> {

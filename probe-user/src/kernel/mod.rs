@@ -26,6 +26,7 @@ const SCHED_HOOKS: &[(&str, &str, &str)] = &[
     ("sched_process_exec", "sched", "sched_process_exec"),
     ("sched_process_fork", "sched", "sched_process_fork"),
     ("sched_process_exit", "sched", "sched_process_exit"),
+    ("task_newtask", "task", "task_newtask"),
 ];
 
 /// Hooks that fire on syscalls of every process on the host: attached only while a cohort has
