@@ -487,10 +487,19 @@ mod tests {
         .into();
         let s = span(&grpc, &mut ids);
         assert_eq!(s.name, "shop.Cart/Checkout");
-        assert_eq!(attr(&s, "rpc.system"), Some(&Value::StringValue("grpc".into())));
+        assert_eq!(
+            attr(&s, "rpc.system"),
+            Some(&Value::StringValue("grpc".into()))
+        );
         assert_eq!(attr(&s, "rpc.grpc.status_code"), Some(&Value::IntValue(14)));
-        assert_eq!(attr(&s, "rpc.method"), Some(&Value::StringValue("Checkout".into())));
-        assert_eq!(s.status.as_ref().map(|st| st.code), Some(StatusCode::Error as i32));
+        assert_eq!(
+            attr(&s, "rpc.method"),
+            Some(&Value::StringValue("Checkout".into()))
+        );
+        assert_eq!(
+            s.status.as_ref().map(|st| st.code),
+            Some(StatusCode::Error as i32)
+        );
         let mut sql = event("", None);
         sql.protocol = "postgres".into();
         sql.method = "SQL".into();
@@ -500,11 +509,16 @@ mod tests {
         assert_eq!(s.name, "SELECT shop");
         assert_eq!(
             attr(&s, "db.query.text"),
-            Some(&Value::StringValue("SELECT payload FROM items WHERE id = $1".into()))
+            Some(&Value::StringValue(
+                "SELECT payload FROM items WHERE id = $1".into()
+            ))
         );
         assert!(attr(&s, "http.request.method").is_none());
         // No status is not an error for a protocol without statuses.
-        assert_eq!(s.status.as_ref().map(|st| st.code), Some(StatusCode::Unset as i32));
+        assert_eq!(
+            s.status.as_ref().map(|st| st.code),
+            Some(StatusCode::Unset as i32)
+        );
     }
 
     fn attr<'a>(s: &'a Span, key: &str) -> Option<&'a Value> {
