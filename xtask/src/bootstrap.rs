@@ -60,7 +60,29 @@ pub fn bootstrap() -> Result<()> {
     bpf_linker()?;
     tracefs()?;
     debian_packages()?;
+    python_packages()?;
     libduckdb()?;
+    Ok(())
+}
+
+/// PyPI packages the tests use: grpcio, a third-party gRPC implementation for the HTTP/2 tests.
+const PYTHON_PACKAGES: &[(&str, &str)] = &[("grpcio==1.85.3", "grpc")];
+
+fn python_packages() -> Result<()> {
+    for (package, module) in PYTHON_PACKAGES {
+        let present = Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !present {
+            run(
+                &format!("pip install {package}"),
+                Command::new("python3").args(["-m", "pip", "install", "-q", package]),
+            )?;
+        }
+    }
     Ok(())
 }
 

@@ -13,7 +13,7 @@ use std::{
 use crate::{
     protocol::{
         Call, Decoder, Http1Exchange,
-        detect::{Detected, detect},
+        detect::{Detected, detect, detect_midstream},
         exchange::Anomaly,
         http1::{Side, starts_message},
         http2::Http2Exchange,
@@ -236,11 +236,11 @@ pub struct SegmentRecord<'a> {
 }
 
 /// The decoder for a detected protocol.
-fn decoder_for(protocol: Detected) -> Option<Box<dyn Decoder>> {
+fn decoder_for(protocol: Detected, midstream: bool) -> Option<Box<dyn Decoder>> {
     match protocol {
         Detected::Http1 => Some(Box::new(Http1Exchange::new())),
-        Detected::Http2 => Some(Box::new(Http2Exchange::new(false))),
-        Detected::Postgres => Some(Box::new(PostgresExchange::new(false))),
+        Detected::Http2 => Some(Box::new(Http2Exchange::new(midstream))),
+        Detected::Postgres => Some(Box::new(PostgresExchange::new(midstream))),
     }
 }
 
@@ -272,20 +272,33 @@ impl StreamDecoder {
                             // is the client, the side that starts a response the server.
                             if let Some(p) = detect(prefix) {
                                 meta.role = Some(Role::requesting_in(dir));
-                                Some(p)
+                                Some((p, false))
                             } else if prefix.len() >= 7 && starts_message(Side::Response, prefix) {
                                 meta.role = Some(Role::requesting_in(dir.other()));
-                                Some(Detected::Http1)
+                                Some((Detected::Http1, false))
                             } else {
                                 None
                             }
                         }
                         Some(role) if role.side_of(dir) == Side::Request && !prefix.is_empty() => {
-                            detect(prefix)
+                            // At a message start the decoder starts in step, else it finds
+                            // its framing itself (joined mid-way).
+                            detect(prefix).map(|p| (p, false)).or_else(|| {
+                                meta.midstream
+                                    .then(|| detect_midstream(prefix))
+                                    .flatten()
+                                    .map(|p| (p, true))
+                            })
+                        }
+                        Some(role) if role.side_of(dir) == Side::Request && len > 0 => {
+                            // The client's first bytes were not captured: decide later, as for
+                            // a connection joined mid-way.
+                            meta.midstream = true;
+                            None
                         }
                         Some(_) => None,
                     };
-                    match found.map(decoder_for) {
+                    match found.map(|(p, midstream)| decoder_for(p, midstream)) {
                         Some(Some(decoder)) => self.proto = Proto::Decoding(decoder),
                         Some(None) => {
                             // A protocol the probe recognises but does not decode yet.
@@ -296,15 +309,16 @@ impl StreamDecoder {
                         None => {
                             let request_side =
                                 meta.role.map(|r| r.side_of(dir)) == Some(Side::Request);
-                            // Opened while watched, the client's first bytes decide; the server
-                            // speaking first is not a protocol decoded here (SMTP, MySQL, ...).
-                            let give_up = if meta.midstream {
+                            // Opened while watched, the client's first bytes decide. A server
+                            // may speak first (an HTTP/2 server sends its SETTINGS at once;
+                            // SMTP, MySQL greet): that alone decides nothing.
+                            let give_up = if meta.midstream || !request_side {
                                 !prefix.is_empty() && {
                                     *tried += 1;
                                     *tried >= MIDSTREAM_ATTEMPTS
                                 }
                             } else {
-                                meta.role.is_some() && (!request_side || !prefix.is_empty())
+                                meta.role.is_some() && !prefix.is_empty()
                             };
                             if give_up {
                                 self.proto = Proto::Other;

@@ -34,6 +34,28 @@ pub fn detect(first: &[u8]) -> Option<Detected> {
     None
 }
 
+/// For a connection joined mid-way (or whose first bytes were not captured): whether the
+/// client's bytes start with a plausible HTTP/2 frame of the kinds a client sends first or
+/// often (SETTINGS, WINDOW_UPDATE, HEADERS on a client stream). The HTTP/2 decoder then finds
+/// its framing itself and reports what it cannot know as unknown.
+pub fn detect_midstream(first: &[u8]) -> Option<Detected> {
+    if first.len() < 9 {
+        return None;
+    }
+    let len = u32::from_be_bytes([0, first[0], first[1], first[2]]);
+    let stream = u32::from_be_bytes([first[5], first[6], first[7], first[8]]) & 0x7fff_ffff;
+    let plausible = match first[3] {
+        // SETTINGS on stream 0, six bytes per setting.
+        4 => stream == 0 && len % 6 == 0 && len <= 60,
+        // WINDOW_UPDATE: four bytes.
+        8 => len == 4,
+        // HEADERS on a client-initiated (odd) stream.
+        1 => stream % 2 == 1 && len <= 16_384,
+        _ => false,
+    };
+    plausible.then_some(Detected::Http2)
+}
+
 /// Postgres' first frontend message: length, then protocol 3.x or a special request code.
 fn postgres_start(b: &[u8]) -> bool {
     const SSL_REQUEST: u32 = 80_877_103;
@@ -77,5 +99,21 @@ mod tests {
         assert_eq!(detect(b"SSH-2.0-OpenSSH"), None);
         assert_eq!(detect(b""), None);
         assert_eq!(detect(&[0, 0, 0, 8]), None, "too short to tell");
+    }
+
+    #[test]
+    fn detects_http2_frames_mid_stream() {
+        // SETTINGS with two settings, on stream 0.
+        let settings = [0, 0, 12, 4, 0, 0, 0, 0, 0];
+        assert_eq!(detect_midstream(&settings), Some(Detected::Http2));
+        // HEADERS on stream 3.
+        assert_eq!(
+            detect_midstream(&[0, 0, 40, 1, 4, 0, 0, 0, 3]),
+            Some(Detected::Http2)
+        );
+        // HEADERS on an even stream, SETTINGS off stream 0, HTTP/1 text: no.
+        assert_eq!(detect_midstream(&[0, 0, 40, 1, 4, 0, 0, 0, 2]), None);
+        assert_eq!(detect_midstream(&[0, 0, 12, 4, 0, 0, 0, 0, 1]), None);
+        assert_eq!(detect_midstream(b"GET / HTTP/1.1\r\n"), None);
     }
 }
