@@ -46,11 +46,11 @@ pub fn detect_midstream(first: &[u8]) -> Option<Detected> {
     let stream = u32::from_be_bytes([first[5], first[6], first[7], first[8]]) & 0x7fff_ffff;
     let plausible = match first[3] {
         // SETTINGS on stream 0, six bytes per setting.
-        4 => stream == 0 && len % 6 == 0 && len <= 60,
+        4 => stream == 0 && len.is_multiple_of(6) && len <= 60,
         // WINDOW_UPDATE: four bytes.
         8 => len == 4,
         // HEADERS on a client-initiated (odd) stream.
-        1 => stream % 2 == 1 && len <= 16_384,
+        1 => !stream.is_multiple_of(2) && len <= 16_384,
         _ => false,
     };
     plausible.then_some(Detected::Http2)
