@@ -150,3 +150,114 @@ fn every_grpc_call_becomes_one_exact_event() -> Result<()> {
     }
     Ok(())
 }
+
+/// Baseline and canary grpcio servers; the canary's `Slow` method takes 15 ms more. The verdict
+/// must FAIL and name `POST /bench.Echo/Slow`.
+#[test]
+fn a_grpc_canary_with_one_slower_method_fails_named() -> Result<()> {
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "this test loads eBPF programs: run it as root (cargo xtask test)"
+    );
+    const EXPERIMENT: &str = "grpc-it";
+    let dir = scratch_dir("grpc-verdict")?;
+    let pid = std::process::id();
+    let mut ports = Vec::new();
+    let mut guards = Vec::new();
+    let mut cgs = Vec::new();
+    for (name, slow_ms) in [("baseline", 1), ("canary", 16)] {
+        let cg = Cgroup::create(&format!("bakeoff-grpc-{name}-{pid}"))?;
+        let port = free_port();
+        guards.push(Guard::shell(
+            "grpcio server",
+            &format!(
+                "{}python3 {}/echo_server.py {port} {slow_ms}",
+                cg.exec_prefix(),
+                scripts().display()
+            ),
+            &[],
+        )?);
+        wait_for_port(port, Duration::from_secs(20))?;
+        ports.push(port);
+        cgs.push((name, cg));
+    }
+    let collector = bakeoff_testkit::collector::Collector::start(&dir)?;
+    let mut args = vec![
+        "--experiment".to_string(),
+        EXPERIMENT.to_string(),
+        "--collector".to_string(),
+        format!("http://127.0.0.1:{}", collector.grpc_port),
+    ];
+    for (name, cg) in &cgs {
+        args.push("--cohort".into());
+        args.push(format!("{name}=cgroup:{}", cg.path().display()));
+    }
+    let probe = ProbeRun::start(&dir, &args)?;
+    std::thread::scope(|s| -> Result<()> {
+        let runs: Vec<_> = ports
+            .iter()
+            .map(|&port| {
+                s.spawn(move || {
+                    Command::new("python3")
+                        .arg(scripts().join("echo_client.py"))
+                        .arg(port.to_string())
+                        .arg("v")
+                        .args(["Fast=1500", "Slow=400"])
+                        .output()
+                })
+            })
+            .collect();
+        for r in runs {
+            let out = r
+                .join()
+                .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+            ensure!(out.status.success(), "client: {out:?}");
+        }
+        Ok(())
+    })?;
+    let url = format!("/api/v1/verdict?experiment={EXPERIMENT}&baseline=baseline&canary=canary");
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let slow = "POST /bench.Echo/Slow";
+    let verdict = loop {
+        let v = collector.get(&url)?;
+        let judged = v["requests"]["canary"].as_u64().unwrap_or(0)
+            + v["requests"]["baseline"].as_u64().unwrap_or(0);
+        if judged >= 2 * 1900 || std::time::Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    drop(probe);
+    let failing: Vec<String> = verdict["metrics"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["decision"] == "fail")
+        .map(|m| {
+            format!(
+                "{} {}",
+                m["metric"].as_str().unwrap_or(""),
+                m["endpoint"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    println!("verdict: {} {failing:?}", verdict["decision"]);
+    ensure!(
+        verdict["decision"] == "fail",
+        "the slower canary passed: {verdict:#}"
+    );
+    ensure!(
+        failing.iter().any(|f| f.ends_with(slow)),
+        "no failing metric names `{slow}`: {failing:?}"
+    );
+    ensure!(
+        verdict["reasons"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r.as_str().is_some_and(|r| r.contains(slow))),
+        "the reasons do not name `{slow}`: {}",
+        verdict["reasons"]
+    );
+    Ok(())
+}
