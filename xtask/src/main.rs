@@ -171,6 +171,9 @@ fn main() -> Result<()> {
             if which == "verdict" {
                 return run(&mut Command::new(bins.join("bakeoff-bench-verdict")));
             }
+            if which == "parsers" {
+                return run(&mut Command::new(bins.join("bakeoff-bench-parsers")));
+            }
             run(Command::new(bins.join("bakeoff-bench"))
                 .arg(which)
                 .args(["--rounds", &rounds.to_string()])
