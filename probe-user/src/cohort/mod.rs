@@ -122,34 +122,22 @@ impl Cohorts {
     /// the directory's inode number.
     pub fn cgroups(&self) -> Vec<CgroupMatch> {
         let mut out = Vec::new();
-        let mut stack = vec![(self.root.clone(), 0usize)];
-        while let Some((dir, depth)) = stack.pop() {
+        walk_cgroup_tree(&self.root, |dir| {
             let path = dir.to_string_lossy();
             let path = path.trim_end_matches('/');
-            for rule in self.rules.iter().filter(|r| r.cgroup_only) {
-                if rule.cgroup.as_ref().is_some_and(|g| g.is_match(path))
-                    && let Ok(meta) = std::fs::metadata(&dir)
-                {
-                    out.push(CgroupMatch {
-                        id: meta.ino(),
-                        cohort: rule.cohort,
-                        dir: dir.clone(),
-                    });
-                    break;
-                }
+            if let Some(rule) = self
+                .rules
+                .iter()
+                .find(|r| r.cgroup_only && r.cgroup.as_ref().is_some_and(|g| g.is_match(path)))
+                && let Ok(meta) = std::fs::metadata(dir)
+            {
+                out.push(CgroupMatch {
+                    id: meta.ino(),
+                    cohort: rule.cohort,
+                    dir: dir.to_path_buf(),
+                });
             }
-            if depth >= 16 {
-                continue;
-            }
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push((entry.path(), depth + 1));
-                }
-            }
-        }
+        });
         out
     }
 
@@ -190,6 +178,26 @@ pub struct CgroupPlan {
     pub ids: std::collections::HashMap<u64, u32>,
 }
 
+/// Calls `visit` for `root` and every directory below it, 16 levels deep at most (the
+/// cgroup tree is shallow; the bound keeps a loop of bind mounts harmless).
+fn walk_cgroup_tree(root: &Path, mut visit: impl FnMut(&Path)) {
+    let mut stack = vec![(root.to_path_buf(), 0usize)];
+    while let Some((dir, depth)) = stack.pop() {
+        visit(&dir);
+        if depth >= 16 {
+            continue;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push((entry.path(), depth + 1));
+            }
+        }
+    }
+}
+
 /// The plan for `matches` (from [`Cohorts::cgroups`]).
 pub fn cgroup_plan(matches: &[CgroupMatch]) -> CgroupPlan {
     let mut plan = CgroupPlan::default();
@@ -206,23 +214,11 @@ pub fn cgroup_plan(matches: &[CgroupMatch]) -> CgroupPlan {
     let mut ordered: Vec<&CgroupMatch> = matches.iter().collect();
     ordered.sort_by_key(|m| m.dir.components().count());
     for m in ordered {
-        let mut stack = vec![(m.dir.clone(), 0usize)];
-        while let Some((dir, depth)) = stack.pop() {
-            if let Ok(meta) = std::fs::metadata(&dir) {
+        walk_cgroup_tree(&m.dir, |dir| {
+            if let Ok(meta) = std::fs::metadata(dir) {
                 plan.ids.insert(meta.ino(), m.cohort);
             }
-            if depth >= 16 {
-                continue;
-            }
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push((entry.path(), depth + 1));
-                }
-            }
-        }
+        });
     }
     plan
 }
