@@ -76,44 +76,31 @@ impl Postgres {
         })
     }
 
-    /// `psql -c sql` (simple query protocol, as psql sends it); returns its output.
+    /// `psql -c sql` (simple query protocol, as psql sends it), as the `postgres` user.
+    fn psql_command(&self, sql: &str) -> Command {
+        let mut cmd = Command::new("psql");
+        cmd.args([
+            "-X",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ])
+        .args(["-p", &self.port.to_string(), "-c", sql]);
+        cmd
+    }
+
+    /// `psql -c sql`, stopping at the first error; returns its output.
     pub fn psql(&self, sql: &str) -> Result<String> {
-        run(Command::new("psql")
-            .args([
-                "-X",
-                "-q",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-            ])
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ]))
+        run(self.psql_command(sql).args(["-v", "ON_ERROR_STOP=1"]))
     }
 
     /// `psql -c sql` expected to fail; returns its error output.
     pub fn psql_error(&self, sql: &str) -> Result<String> {
-        let out = Command::new("psql")
-            .args([
-                "-X",
-                "-q",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-            ])
-            .args(["-p", &self.port.to_string(), "-c", sql])
-            .output()?;
+        let out = self.psql_command(sql).output()?;
         ensure!(!out.status.success(), "`{sql}` did not fail");
         Ok(String::from_utf8_lossy(&out.stderr).into_owned())
     }
