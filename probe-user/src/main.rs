@@ -390,7 +390,7 @@ fn run(cli: Cli) -> Result<()> {
                     counters.connections.store(pipeline.connections() as u64, relaxed);
                     counters
                         .requests_lost_estimate
-                        .store(pipeline.conn_stats().requests_lost_estimate, relaxed);
+                        .store(pipeline.requests_lost_estimate(), relaxed);
                     if let Ok(mut m) = counters.cohort_members.lock() {
                         *m = pipeline.cohort_members();
                     }

@@ -90,8 +90,13 @@ impl Pipeline {
         &self.cohorts
     }
 
-    pub fn conn_stats(&self) -> &crate::conn::ConnStats {
-        &self.table.stats
+    pub fn conn_stats(&self) -> crate::conn::ConnStats {
+        self.table.stats()
+    }
+
+    /// Estimated requests lost in stream gaps so far.
+    pub fn requests_lost_estimate(&self) -> u64 {
+        self.table.requests_lost_estimate()
     }
 
     /// Processes currently known to be in a cohort.

@@ -173,7 +173,8 @@ pub struct ConnStats {
     pub requests_lost_estimate: u64,
     /// Requests pending on connections that sampling (the CPU budget) cut off.
     pub requests_sampled_out: u64,
-    /// TCP reassembly (cgroup path), summed over connections.
+    /// TCP reassembly (cgroup path), summed over connections (`ConnTable::stats` adds the open
+    /// ones; the field holds the closed ones).
     pub reassembly: ReassemblyStats,
 }
 
@@ -189,7 +190,7 @@ pub struct ConnTable {
     /// lost goes through the listener's filter, not the new socket's. Kept by peer until the
     /// accepted socket shows up (bounded, oldest dropped).
     handoff: VecDeque<(SocketAddr, u64, OwnedSegment)>,
-    pub stats: ConnStats,
+    stats: ConnStats,
 }
 
 /// A segment kept for later (see `ConnTable::handoff`).
@@ -448,6 +449,23 @@ impl ConnTable {
         self.conns.contains_key(&key)
     }
 
+    /// Counters, the open connections' reassembly included. Read once a second or at exit,
+    /// so the per-segment path never copies counters.
+    pub fn stats(&self) -> ConnStats {
+        let mut stats = self.stats.clone();
+        for streams in self.conns.values().filter_map(|c| c.streams.as_ref()) {
+            for r in streams.iter() {
+                add_reassembly(&mut stats.reassembly, r.stats());
+            }
+        }
+        stats
+    }
+
+    /// Estimated requests lost in gaps so far (cheap: for the per-second gauge).
+    pub fn requests_lost_estimate(&self) -> u64 {
+        self.stats.requests_lost_estimate
+    }
+
     /// Tracked connections.
     pub fn len(&self) -> usize {
         self.conns.len()
@@ -636,11 +654,9 @@ impl ConnTable {
             // below it there are the probe's losses, given up now.
             let other_dir = seg.dir.other();
             let other = &mut streams[other_dir.index()];
-            let before = other.stats().clone();
             other.acknowledged(seg.ack_seq, &mut |piece| {
                 decoder.feed(meta, other_dir, piece, stats, &mut exchanges)
             });
-            add_reassembly(&mut stats.reassembly, &before, other.stats());
         }
         if seg.len > 0 {
             // Data this way at `ts` means the other way's older holes will never fill (without
@@ -648,14 +664,11 @@ impl ConnTable {
             // the decoder sees both directions in the order they happened.
             let other_dir = seg.dir.other();
             let other = &mut streams[other_dir.index()];
-            let before = other.stats().clone();
             other.give_up_holes_before(seg.ts, &mut |piece| {
                 decoder.feed(meta, other_dir, piece, stats, &mut exchanges)
             });
-            add_reassembly(&mut stats.reassembly, &before, other.stats());
         }
         let reassembler = &mut streams[seg.dir.index()];
-        let before = reassembler.stats().clone();
         reassembler.push(
             &Segment {
                 seq: seg.seq,
@@ -668,7 +681,6 @@ impl ConnTable {
             },
             &mut |piece| decoder.feed(meta, seg.dir, piece, stats, &mut exchanges),
         );
-        add_reassembly(&mut stats.reassembly, &before, reassembler.stats());
         Conn::labelled(meta, exchanges, done);
         if seg.rst {
             return self.close(key, true, done);
@@ -718,11 +730,9 @@ impl ConnTable {
                 } else {
                     Direction::Egress
                 };
-                let before = r.stats().clone();
                 r.expire(now, &mut |piece| {
                     decoder.feed(meta, dir, piece, stats, &mut exchanges)
                 });
-                add_reassembly(&mut stats.reassembly, &before, r.stats());
             }
             Conn::labelled(meta, exchanges, done);
         }
@@ -753,11 +763,10 @@ impl ConnTable {
                 } else {
                     Direction::Egress
                 };
-                let before = r.stats().clone();
                 r.finish(&mut |piece| {
                     decoder.feed(meta, dir, piece, &mut self.stats, &mut exchanges)
                 });
-                add_reassembly(&mut self.stats.reassembly, &before, r.stats());
+                add_reassembly(&mut self.stats.reassembly, r.stats());
             }
         }
         let Proto::Decoding(dec) = &mut decoder.proto else {
@@ -817,13 +826,13 @@ impl ConnTable {
     }
 }
 
-/// Adds what one reassembler counted since `before` to the table's totals.
-fn add_reassembly(total: &mut ReassemblyStats, before: &ReassemblyStats, after: &ReassemblyStats) {
-    total.segments += after.segments - before.segments;
-    total.duplicates += after.duplicates - before.duplicates;
-    total.overlaps_trimmed += after.overlaps_trimmed - before.overlaps_trimmed;
-    total.out_of_order += after.out_of_order - before.out_of_order;
-    total.gaps += after.gaps - before.gaps;
-    total.gap_bytes += after.gap_bytes - before.gap_bytes;
-    total.buffer_overflows += after.buffer_overflows - before.buffer_overflows;
+/// Adds one reassembler's counts to `total`.
+fn add_reassembly(total: &mut ReassemblyStats, r: &ReassemblyStats) {
+    total.segments += r.segments;
+    total.duplicates += r.duplicates;
+    total.overlaps_trimmed += r.overlaps_trimmed;
+    total.out_of_order += r.out_of_order;
+    total.gaps += r.gaps;
+    total.gap_bytes += r.gap_bytes;
+    total.buffer_overflows += r.buffer_overflows;
 }
