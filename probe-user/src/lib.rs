@@ -14,6 +14,8 @@ pub mod kernel;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;
-pub mod protocol;
-pub mod stream;
 pub mod summary;
+
+/// The decoders live in their own crate (`probe-protocol`) so they build, fuzz and benchmark
+/// without the kernel programs; re-exported under their old paths.
+pub use bakeoff_protocol::{self as protocol, stream};

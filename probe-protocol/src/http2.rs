@@ -1185,8 +1185,8 @@ impl Decoder for Http2Exchange {
 mod tests {
     use proptest::prelude::*;
 
-    use super::super::hpack::encoder::{Encoder, Mode};
     use super::*;
+    use crate::hpack::encoder::{Encoder, Mode};
 
     fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let len = payload.len() as u32;
