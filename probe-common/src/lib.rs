@@ -34,8 +34,10 @@ pub mod drop_reason {
     pub const SEGMENT_UNPARSED: u32 = 5;
     /// A connection (accept or connect) left out by sampling, on the syscall path.
     pub const CONN_SAMPLED_OUT: u32 = 6;
+    /// The in-flight TLS call table was full; one `SSL_read`/`SSL_write` was missed.
+    pub const TLS_CALLS_FULL: u32 = 7;
     /// Number of counters.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// What a ring-buffer record is. Every record starts with an [`EventHeader`].
@@ -58,6 +60,8 @@ pub enum EventKind {
     Segment = 7,
     /// A socket of a cohort cgroup was released (the cgroup data path).
     Release = 8,
+    /// Plaintext read or written by a TLS library call of a cohort process (uprobes).
+    Tls = 9,
 }
 
 impl EventKind {
@@ -71,6 +75,7 @@ impl EventKind {
             6 => Self::Data,
             7 => Self::Segment,
             8 => Self::Release,
+            9 => Self::Tls,
             _ => return None,
         })
     }
@@ -216,6 +221,83 @@ pub struct ReleaseEvent {
     pub cookie: u64,
 }
 
+/// The TLS library function a [`TlsHeader`] comes from.
+pub mod tls_call {
+    /// `SSL_read(ssl, buf, num)`: returns the bytes read.
+    pub const READ: u8 = 1;
+    /// `SSL_write(ssl, buf, num)`: returns the bytes written.
+    pub const WRITE: u8 = 2;
+    /// `SSL_read_ex(ssl, buf, num, *readbytes)`: returns 1, the count is in `*readbytes`.
+    pub const READ_EX: u8 = 3;
+    /// `SSL_write_ex(ssl, buf, num, *written)`.
+    pub const WRITE_EX: u8 = 4;
+    /// `SSL_do_handshake(ssl)`: no plaintext; its socket I/O ties the `SSL` to a connection.
+    pub const HANDSHAKE: u8 = 5;
+}
+
+/// What [`TlsHeader::conn`] holds: the connection the TLS library's own socket I/O went to
+/// during the call, seen by the data hooks on the same thread.
+pub mod tls_conn {
+    /// No socket I/O in the call (data served from the library's buffer, or a read on the
+    /// cgroup path, where received segments are not seen in the reader's context).
+    pub const NONE: u8 = 0;
+    /// A file descriptor of the process (syscall path).
+    pub const FD: u8 = 1;
+    /// A socket cookie (cgroup path, from an egress segment sent by the calling thread).
+    pub const COOKIE: u8 = 2;
+}
+
+/// A TLS call in flight, saved by the entry uprobe for the return uprobe (key: pid_tgid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TlsCall {
+    /// The `SSL *`: identifies the TLS session (a connection) within the process.
+    pub ssl: u64,
+    pub buf: u64,
+    /// `_ex` forms: where the library stores the byte count.
+    pub count_ptr: u64,
+    /// Filled by the data hooks when the call moves bytes on a socket (see [`tls_conn`]).
+    pub conn: u64,
+    /// A [`tls_call`] value.
+    pub call: u8,
+    /// A [`tls_conn`] value.
+    pub conn_kind: u8,
+    /// Nested calls of the same thread (one TLS function calling another): only the
+    /// outermost return reports.
+    pub depth: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Header of a `Tls` record; `captured` plaintext bytes follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TlsHeader {
+    pub header: EventHeader,
+    pub ssl: u64,
+    /// See [`tls_conn`].
+    pub conn: u64,
+    /// Exact plaintext bytes the call moved (0 for a handshake).
+    pub len: u64,
+    pub captured: u32,
+    /// Thread id, for diagnostics.
+    pub pid: u32,
+    /// A [`data_dir`] value.
+    pub direction: u8,
+    /// A [`tls_conn`] value.
+    pub conn_kind: u8,
+    /// A [`tls_call`] value.
+    pub call: u8,
+    pub _pad: [u8; 5],
+}
+
+/// A TLS record as the kernel assembles it in per-CPU scratch memory (twice `MAX_PREFIX`, as
+/// [`DataScratch`]).
+#[repr(C)]
+pub struct TlsScratch {
+    pub header: TlsHeader,
+    pub data: [u8; 2 * MAX_PREFIX],
+}
+
 /// Slots of the `SETTINGS` array map, which user space may change while the programs run.
 pub mod setting {
     /// Connections sampled in, out of [`SAMPLE_SCALE`](super::SAMPLE_SCALE) (a hash of the
@@ -224,7 +306,10 @@ pub mod setting {
     /// Ring-buffer bytes waiting before a record wakes the reader (below: the reader's timer
     /// picks them up).
     pub const WAKE_BYTES: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// Non-zero while TLS uprobes are attached anywhere: only then do the data hooks look up
+    /// the TLS call table (an array read instead of a hash lookup per record otherwise).
+    pub const TLS: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Sampling scale: `SAMPLE` = `SAMPLE_SCALE` keeps every connection.

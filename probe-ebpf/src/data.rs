@@ -11,12 +11,12 @@ use aya_ebpf::{
 };
 use probe_common::{
     CallArgs, DataHeader, EventHeader, EventKind, MAX_IOV, MAX_PREFIX, SockKey, data_dir,
-    drop_reason, syscall,
+    drop_reason, setting, syscall, tls_conn,
 };
 
 use crate::{
     cohort::current_tgid,
-    maps::{PREFIX_LEN, SCRATCH, SOCKETS, count_drop, emit_bytes},
+    maps::{PREFIX_LEN, SCRATCH, SOCKETS, count_drop, emit_bytes, setting},
     sockets::{ARG0, ARG1, ARG2, RET},
     sockets::{save_call, take_call},
 };
@@ -124,7 +124,7 @@ fn direction(syscall: u8) -> Option<u8> {
 /// Copies up to `want` bytes from user memory into `dst` (2 * MAX_PREFIX long) at `off`;
 /// returns the bytes copied. The masks keep every access provably in bounds for the verifier.
 #[inline(always)]
-fn copy_user(dst: *mut u8, off: usize, src: u64, want: usize) -> usize {
+pub fn copy_user(dst: *mut u8, off: usize, src: u64, want: usize) -> usize {
     let off = off & (MAX_PREFIX - 1);
     let mut n = want;
     if n > MAX_PREFIX {
@@ -148,6 +148,13 @@ pub fn exit(ctx: &TracePointContext) {
         return;
     };
     if ret <= 0 {
+        return;
+    }
+    // The TLS library's own socket I/O: its ciphertext says nothing, its fd ties the call's
+    // plaintext to this connection.
+    if setting(setting::TLS, 0) != 0
+        && crate::tls::note_conn(pid_tgid, tls_conn::FD, args.fd as u64)
+    {
         return;
     }
     let tgid = (pid_tgid >> 32) as u32;

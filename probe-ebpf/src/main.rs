@@ -11,12 +11,13 @@ mod data;
 mod maps;
 mod segments;
 mod sockets;
+mod tls;
 
 use aya_ebpf::{
-    macros::{cgroup_skb, cgroup_sock, tracepoint},
-    programs::{SkBuffContext, SockContext, TracePointContext},
+    macros::{cgroup_skb, cgroup_sock, tracepoint, uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext, SkBuffContext, SockContext, TracePointContext},
 };
-use probe_common::{data_dir, syscall};
+use probe_common::{data_dir, syscall, tls_call};
 
 // --- the cgroup data path: attached to cohort cgroups only ---
 
@@ -145,6 +146,45 @@ pub fn sys_enter_sendfile64(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "syscalls", name = "sys_exit_data")]
 pub fn sys_exit_data(ctx: TracePointContext) -> u32 {
     data::exit(&ctx);
+    0
+}
+
+// --- TLS plaintext: uprobes attached per cohort process that maps the library ---
+
+#[uprobe]
+pub fn ssl_read_enter(ctx: ProbeContext) -> u32 {
+    tls::enter(&ctx, tls_call::READ);
+    0
+}
+
+#[uprobe]
+pub fn ssl_write_enter(ctx: ProbeContext) -> u32 {
+    tls::enter(&ctx, tls_call::WRITE);
+    0
+}
+
+#[uprobe]
+pub fn ssl_read_ex_enter(ctx: ProbeContext) -> u32 {
+    tls::enter(&ctx, tls_call::READ_EX);
+    0
+}
+
+#[uprobe]
+pub fn ssl_write_ex_enter(ctx: ProbeContext) -> u32 {
+    tls::enter(&ctx, tls_call::WRITE_EX);
+    0
+}
+
+#[uprobe]
+pub fn ssl_handshake_enter(ctx: ProbeContext) -> u32 {
+    tls::enter(&ctx, tls_call::HANDSHAKE);
+    0
+}
+
+/// One return probe for every TLS function: the saved call says which it was.
+#[uretprobe]
+pub fn ssl_return(ctx: RetProbeContext) -> u32 {
+    tls::exit(&ctx);
     0
 }
 

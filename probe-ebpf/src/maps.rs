@@ -10,8 +10,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use probe_common::{
-    CallArgs, ConnEvent, DataScratch, SAMPLE_SCALE, SegmentScratch, SockInfo, SockKey, drop_reason,
-    setting,
+    CallArgs, ConnEvent, DataScratch, SAMPLE_SCALE, SegmentScratch, SockInfo, SockKey, TlsCall,
+    TlsScratch, drop_reason, setting,
 };
 
 /// tgid -> cohort. Written by user space (rules) and by `sched_process_fork` (inheritance).
@@ -37,6 +37,15 @@ pub static LAST_ACCEPT: HashMap<u32, ConnEvent> = HashMap::with_max_entries(1638
 /// Arguments saved between `sys_enter_*` and `sys_exit_*` of one thread (key: pid_tgid).
 #[map]
 pub static CALLS: HashMap<u64, CallArgs> = HashMap::with_max_entries(16384, 0);
+
+/// TLS calls in flight (key: pid_tgid), from the entry uprobe to the return uprobe. LRU: a
+/// thread killed inside a call leaves an entry that ages out.
+#[map]
+pub static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// Per-CPU scratch space for TLS plaintext records.
+#[map]
+pub static TLS_SCRATCH: PerCpuArray<TlsScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Events to user space. Resized by the loader from the configuration.
 #[map]

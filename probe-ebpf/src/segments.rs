@@ -18,10 +18,10 @@ use aya_ebpf::{
 };
 use probe_common::{
     EventHeader, EventKind, MAX_PREFIX, ReleaseEvent, SegmentHeader, data_dir, drop_reason,
-    sampled_in, tcp_flag,
+    sampled_in, setting, tcp_flag, tls_conn,
 };
 
-use crate::maps::{PREFIX_LEN, SEGMENT_SCRATCH, count_drop, emit, emit_bytes, sample};
+use crate::maps::{PREFIX_LEN, SEGMENT_SCRATCH, count_drop, emit, emit_bytes, sample, setting};
 
 /// `skb->protocol` values as the context presents them (network byte order in a u32).
 const ETH_P_IP_BE: u32 = 0x0008;
@@ -123,15 +123,24 @@ pub fn on_segment(ctx: &SkBuffContext, direction: u8) {
     // The writer on egress, when it runs in the socket's cgroup (not softirq work on behalf of
     // another task); never on ingress, where the current task is the sender or whoever the
     // softirq interrupted.
-    let tgid = if direction == data_dir::EGRESS && unsafe { bpf_get_current_cgroup_id() } == cgroup
-    {
-        (bpf_get_current_pid_tgid() >> 32) as u32
-    } else {
-        0
-    };
+    let writer =
+        if direction == data_dir::EGRESS && unsafe { bpf_get_current_cgroup_id() } == cgroup {
+            bpf_get_current_pid_tgid()
+        } else {
+            0
+        };
+    let tgid = (writer >> 32) as u32;
     let mut prefix = PREFIX_LEN.load();
     if prefix > MAX_PREFIX as u32 {
         prefix = MAX_PREFIX as u32;
+    }
+    // Sent by a TLS library call of the writer: the segment ties the call's plaintext to this
+    // socket, and its ciphertext is left out (the sequence numbers still go to user space).
+    if writer != 0
+        && setting(setting::TLS, 0) != 0
+        && crate::tls::note_conn(writer, tls_conn::COOKIE, cookie)
+    {
+        prefix = 0;
     }
     let want = if len < prefix { len } else { prefix };
     let mut captured: u32 = 0;

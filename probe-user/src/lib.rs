@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod output;
 pub mod pipeline;
 pub mod summary;
+pub mod tls;
 
 /// The decoders live in their own crate (`probe-protocol`) so they build, fuzz and benchmark
 /// without the kernel programs; re-exported under their old paths.

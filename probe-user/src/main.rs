@@ -18,6 +18,7 @@ use bakeoff_probe::{
     output::JsonLines,
     pipeline::Pipeline,
     summary::Summary,
+    tls::TlsWatch,
 };
 use clap::Parser;
 use tokio::io::unix::AsyncFd;
@@ -240,6 +241,8 @@ fn run(cli: Cli) -> Result<()> {
     pipeline.scan(&mut kernel, &cgroups, via_cgroup);
     let mut hooks = HookControl::new(!config.on_demand_hooks, via_cgroup);
     hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
+    let mut tls = TlsWatch::default();
+    follow_membership(&mut tls, &mut kernel, &mut pipeline);
     let mut budget = Budget::new(config.max_cpu);
     tracing::info!(
         cohorts = ?pipeline.cohorts().names(),
@@ -361,11 +364,14 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     sink.write(&mut events)?;
                     hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
+                    follow_membership(&mut tls, &mut kernel, &mut pipeline);
                 }
                 _ = poll.tick() => {
                     drain(ring.get_mut(), &mut pipeline, &mut kernel, &mut events, DRAIN_BATCH);
                     sink.write(&mut events)?;
                     hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
+                    follow_membership(&mut tls, &mut kernel, &mut pipeline);
+                    tls.recheck(&mut kernel);
                 }
                 _ = tick.tick() => {
                     // New cgroups (pods started since) join their cohort.
@@ -377,6 +383,7 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     if via_cgroup {
                         pipeline.refresh_cgroup_processes(&cgroups);
+                        follow_membership(&mut tls, &mut kernel, &mut pipeline);
                     }
                     pipeline.expire(&mut events);
                     sink.write(&mut events)?;
@@ -471,6 +478,8 @@ fn run(cli: Cli) -> Result<()> {
         "pipeline": pipeline.stats,
         "connections": pipeline.conn_stats(),
         "in_flight_at_exit": pipeline.in_flight(),
+        "tls": pipeline.tls_stats(),
+        "tls_watch": tls.stats,
         "export": exporter_stats,
         "otlp": otlp_stats,
         "kernel_drops": kernel_drops,
@@ -557,6 +566,18 @@ fn apply_cgroups(
         kernel.set_cgroups(&ids)?;
     }
     Ok(())
+}
+
+/// Per-process hooks follow cohort membership: TLS uprobes for processes that joined (or ran a
+/// new program), detached from those that left.
+fn follow_membership(tls: &mut TlsWatch, kernel: &mut Kernel, pipeline: &mut Pipeline) {
+    let (joined, left) = pipeline.take_membership_changes();
+    for pid in left {
+        tls.left(kernel, pid);
+    }
+    for pid in joined {
+        tls.joined(kernel, pid);
+    }
 }
 
 /// Reads up to `max` records waiting in the ring buffer; true if it stopped at `max`.

@@ -49,6 +49,7 @@ pub const KERNEL_DROP_REASONS: [&str; probe_common::drop_reason::COUNT as usize]
     "sampled_out_segment",
     "segment_unparsed",
     "sampled_out_connection",
+    "tls_calls_full",
 ];
 
 /// Everything `/metrics` reports.

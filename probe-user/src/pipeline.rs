@@ -3,12 +3,17 @@
 
 use std::collections::HashMap;
 
-use probe_common::{COHORT_NONE, EventKind, SockInfo, SockKey, conn_role, data_dir, tcp_flag};
+use probe_common::{
+    COHORT_NONE, EventKind, SockInfo, SockKey, conn_role, data_dir, tcp_flag, tls_conn,
+};
 
 use crate::{
     clock::{Clock, rfc3339},
     cohort::{CgroupMatch, Cohorts, proc},
-    conn::{ConnExchange, ConnKey, ConnTable, Direction, Role, SegmentRecord},
+    conn::{
+        ConnExchange, ConnKey, ConnTable, Direction, Role, SegmentRecord,
+        tls::{HeldPiece, Sessions, TlsStats},
+    },
     event::RequestEvent,
     kernel::{Kernel, KernelError, record},
 };
@@ -68,6 +73,11 @@ pub struct Pipeline {
     clock: Clock,
     experiment: String,
     node: String,
+    /// TLS sessions and their connections.
+    sessions: Sessions,
+    /// Processes that joined a cohort (or exec'd) and left it since `take_membership_changes`.
+    joined: Vec<u32>,
+    left: Vec<u32>,
     pub stats: PipelineStats,
 }
 
@@ -82,8 +92,24 @@ impl Pipeline {
             clock: Clock::new(),
             experiment,
             node,
+            sessions: Sessions::default(),
+            joined: Vec::new(),
+            left: Vec::new(),
             stats: PipelineStats::default(),
         }
+    }
+
+    /// Processes that joined a cohort (or ran a new program) and processes that left, since
+    /// the last call: what per-process hooks (TLS uprobes) follow.
+    pub fn take_membership_changes(&mut self) -> (Vec<u32>, Vec<u32>) {
+        (
+            std::mem::take(&mut self.joined),
+            std::mem::take(&mut self.left),
+        )
+    }
+
+    pub fn tls_stats(&self) -> &TlsStats {
+        &self.sessions.stats
     }
 
     pub fn cohorts(&self) -> &Cohorts {
@@ -133,8 +159,13 @@ impl Pipeline {
     /// Follows the processes of the cgroup-path cohorts: registers new ones, forgets those that
     /// exited (the syscall path learns both from the scheduler hooks). Call about once a second.
     pub fn refresh_cgroup_processes(&mut self, cgroups: &[CgroupMatch]) {
+        let left = &mut self.left;
         self.procs.retain(|pid, p| {
-            !p.via_cgroup || std::path::Path::new(&format!("/proc/{pid}")).exists()
+            let keep = !p.via_cgroup || std::path::Path::new(&format!("/proc/{pid}")).exists();
+            if !keep {
+                left.push(*pid);
+            }
+            keep
         });
         for g in cgroups {
             for pid in proc::pids_in_cgroup(&g.dir) {
@@ -244,6 +275,7 @@ impl Pipeline {
                 via_cgroup,
             },
         );
+        self.joined.push(tgid);
     }
 
     /// Puts a process in a cohort (kernel map + registry).
@@ -317,6 +349,7 @@ impl Pipeline {
                 let tgid = e.header.tgid;
                 if let Some(p) = self.procs.get_mut(&tgid) {
                     p.exe = proc::exe_of(tgid).unwrap_or_default();
+                    self.joined.push(tgid);
                 } else if self.cohorts.needs_process_rules()
                     && let Some(cohort) = self.cohorts.match_process(tgid)
                 {
@@ -348,11 +381,15 @@ impl Pipeline {
                             via_cgroup: false,
                         },
                     );
+                    self.joined.push(e.pid);
                 }
             }
             record::Record::Proc(_, e) => {
                 let tgid = e.header.tgid;
-                self.procs.remove(&tgid);
+                if self.procs.remove(&tgid).is_some() {
+                    self.left.push(tgid);
+                }
+                self.sessions.forget_process(tgid);
                 m.untrack_sockets(tgid, &self.table.fds_of(tgid));
                 unanswered = self.table.close_process(tgid, &mut done);
             }
@@ -440,6 +477,9 @@ impl Pipeline {
                     .table
                     .segment(ConnKey::Socket(h.cookie), &seg, &mut done);
             }
+            record::Record::Tls(h, payload) => {
+                self.tls(&h, payload, &mut done, &mut unanswered);
+            }
             record::Record::Release(e) => {
                 let key = ConnKey::Socket(e.cookie);
                 if probe_common::sampled_in(e.cookie, self.sample) {
@@ -456,6 +496,72 @@ impl Pipeline {
         }
         for u in unanswered {
             out.push(self.event(u));
+        }
+    }
+
+    /// Plaintext of a TLS call: to its session's connection, once the session is tied to one.
+    fn tls(
+        &mut self,
+        h: &probe_common::TlsHeader,
+        payload: &[u8],
+        done: &mut Vec<ConnExchange>,
+        unanswered: &mut Vec<ConnExchange>,
+    ) {
+        let tgid = h.header.tgid;
+        let session = (tgid, h.ssl);
+        let dir = if h.direction == data_dir::INGRESS {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        };
+        if h.len > 0 {
+            self.sessions.stats.records += 1;
+        }
+        let bound = match h.conn_kind {
+            tls_conn::FD => Some(ConnKey::Fd {
+                tgid,
+                fd: h.conn as u32,
+            }),
+            tls_conn::COOKIE => Some(ConnKey::Socket(h.conn)),
+            _ => None,
+        };
+        let mut held = Default::default();
+        if let Some(key) = bound {
+            if self.sessions.conn(session) != Some(key) {
+                self.sessions.prune(|k| self.table.contains(k));
+            }
+            held = self.sessions.bind(session, key);
+        }
+        let Some(key) = self.sessions.conn(session) else {
+            if h.len > 0 {
+                self.sessions.hold(
+                    session,
+                    HeldPiece {
+                        ts: h.header.ts_ns,
+                        dir,
+                        len: h.len,
+                        prefix: payload.to_vec(),
+                    },
+                );
+            }
+            return;
+        };
+        if !self.table.contains(key) {
+            // A connection not seen opening (open before the probe, or its record lost).
+            let cohort = self.procs.get(&tgid).map_or(COHORT_NONE, |p| p.cohort);
+            let peer = match key {
+                ConnKey::Fd { fd, .. } => proc::peer_of(tgid, fd),
+                ConnKey::Socket(_) => None,
+            };
+            unanswered.extend(self.table.open(key, tgid, None, cohort, peer, true, done));
+        }
+        for p in held {
+            self.table
+                .plaintext(key, p.ts, p.dir, &p.prefix, p.len, done);
+        }
+        if h.len > 0 {
+            self.table
+                .plaintext(key, h.header.ts_ns, dir, payload, h.len, done);
         }
     }
 

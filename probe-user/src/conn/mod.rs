@@ -5,6 +5,8 @@
 //! one record per read or write; the cgroup path keys them by socket cookie and sees TCP
 //! segments, put back in order per direction by `stream::tcp`.
 
+pub mod tls;
+
 use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddr,
@@ -124,6 +126,10 @@ struct StreamDecoder {
     proto: Proto,
     history: [SideHistory; 2],
     exchanges: u64,
+    /// TLS records seen on the wire: the bytes are ciphertext, not decoded.
+    encrypted: bool,
+    /// Decoding the plaintext the TLS uprobes report; the wire's bytes are ignored.
+    plaintext: bool,
 }
 
 /// One tracked connection.
@@ -173,6 +179,11 @@ pub struct ConnStats {
     pub requests_lost_estimate: u64,
     /// Requests pending on connections that sampling (the CPU budget) cut off.
     pub requests_sampled_out: u64,
+    /// TLS connections decoded from the plaintext the uprobes report.
+    pub tls_connections: u64,
+    /// TLS connections closed without any plaintext seen (a TLS library without uprobes:
+    /// Go's crypto/tls, rustls, a stripped binary; or a process not attached yet).
+    pub tls_undecoded: u64,
     /// TCP reassembly (cgroup path), summed over connections (`ConnTable::stats` adds the open
     /// ones; the field holds the closed ones).
     pub reassembly: ReassemblyStats,
@@ -251,11 +262,35 @@ impl StreamDecoder {
             proto: Proto::Unknown { tried: 0 },
             history: [SideHistory::default(); 2],
             exchanges: 0,
+            encrypted: false,
+            plaintext: false,
         }
     }
 
-    /// Decodes one piece of the stream in `dir`.
+    /// One piece of the bytes on the wire in `dir`. A TLS connection's are ciphertext: they
+    /// only mark it encrypted (its plaintext, when the uprobes see it, comes by `decode`).
     fn feed(
+        &mut self,
+        meta: &mut Meta,
+        dir: Direction,
+        piece: Piece<'_>,
+        stats: &mut ConnStats,
+        done: &mut Vec<Call>,
+    ) {
+        if self.plaintext || self.encrypted {
+            return;
+        }
+        if let (Proto::Unknown { .. }, Piece::Data { prefix, .. }) = (&self.proto, piece)
+            && tls::starts_tls_record(prefix)
+        {
+            self.encrypted = true;
+            return;
+        }
+        self.decode(meta, dir, piece, stats, done);
+    }
+
+    /// Decodes one piece of the stream in `dir`.
+    fn decode(
         &mut self,
         meta: &mut Meta,
         dir: Direction,
@@ -707,6 +742,43 @@ impl ConnTable {
         ));
     }
 
+    /// Plaintext a TLS library call of the connection's process read (`Ingress`) or wrote
+    /// (`Egress`). From the first one on, the connection is decoded from its plaintext only.
+    #[allow(clippy::too_many_arguments)]
+    pub fn plaintext(
+        &mut self,
+        key: ConnKey,
+        ts: u64,
+        dir: Direction,
+        prefix: &[u8],
+        len: u64,
+        done: &mut Vec<ConnExchange>,
+    ) {
+        let Self { conns, stats, .. } = self;
+        let Some(conn) = conns.get_mut(&key) else {
+            return;
+        };
+        let decoder = &mut conn.decoder;
+        if !decoder.plaintext {
+            decoder.plaintext = true;
+            stats.tls_connections += 1;
+            if matches!(decoder.proto, Proto::Other) {
+                // Given up on as ciphertext before the plaintext showed.
+                decoder.proto = Proto::Unknown { tried: 0 };
+                stats.non_http_connections = stats.non_http_connections.saturating_sub(1);
+            }
+        }
+        let mut exchanges = Vec::new();
+        decoder.decode(
+            &mut conn.meta,
+            dir,
+            Piece::Data { ts, len, prefix },
+            stats,
+            &mut exchanges,
+        );
+        Conn::labelled(&conn.meta, exchanges, done);
+    }
+
     /// Gives up on TCP holes older than the reassembly timeout (called periodically).
     pub fn expire(&mut self, now: u64, done: &mut Vec<ConnExchange>) {
         let Self { conns, stats, .. } = self;
@@ -768,6 +840,9 @@ impl ConnTable {
                 });
                 add_reassembly(&mut self.stats.reassembly, r.stats());
             }
+        }
+        if decoder.encrypted && !decoder.plaintext {
+            self.stats.tls_undecoded += 1;
         }
         let Proto::Decoding(dec) = &mut decoder.proto else {
             Conn::labelled(meta, exchanges, done);

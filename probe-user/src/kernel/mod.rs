@@ -12,7 +12,8 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError, TracePoint,
-        cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId, trace_point::TracePointLinkId,
+        UProbe, cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId,
+        trace_point::TracePointLinkId, uprobe::UProbeLinkId, uprobe::UProbeScope,
     },
 };
 use probe_common::{SockInfo, SockKey, drop_reason, setting};
@@ -58,6 +59,17 @@ const SOCKET_HOOKS: &[(&str, &str, &str)] = &[
     ("sys_exit_data", "syscalls", "sys_exit_sendmsg"),
     ("sys_exit_data", "syscalls", "sys_exit_sendfile64"),
 ];
+
+/// TLS library functions and the entry programs attached to them; `ssl_return` is attached to
+/// the return of each. The first two are required, the others attached where present.
+const TLS_FUNCTIONS: &[(&str, &str)] = &[
+    ("SSL_read", "ssl_read_enter"),
+    ("SSL_write", "ssl_write_enter"),
+    ("SSL_read_ex", "ssl_read_ex_enter"),
+    ("SSL_write_ex", "ssl_write_ex_enter"),
+    ("SSL_do_handshake", "ssl_handshake_enter"),
+];
+const TLS_RETURN: &str = "ssl_return";
 
 /// Lines of the verifier log shown when a program is rejected.
 const VERIFIER_TAIL: usize = 25;
@@ -107,6 +119,13 @@ pub enum KernelError {
     },
     #[error("cannot open cohort cgroup {cgroup}: {source}")]
     CgroupOpen { cgroup: String, source: io::Error },
+    #[error("cannot attach TLS uprobes to {function} in {library} for pid {pid}: {source}")]
+    AttachTls {
+        function: &'static str,
+        library: String,
+        pid: u32,
+        source: Box<ProgramError>,
+    },
     #[error("map operation on `{map}` failed: {source}")]
     Map {
         map: &'static str,
@@ -125,6 +144,8 @@ pub struct Kernel {
     data_links: Vec<(String, TracePointLinkId)>,
     /// Cohort cgroup directories with the cgroup data path attached.
     cgroup_links: HashMap<PathBuf, CgroupLinks>,
+    /// TLS uprobes per process: (program, link).
+    tls_links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
 }
 
 /// The programs attached to one cohort cgroup.
@@ -182,6 +203,10 @@ impl Kernel {
                     let p: &mut CgroupSock = prog.try_into().map_err(program_err)?;
                     p.load()
                 }
+                n if n.starts_with("ssl_") => {
+                    let p: &mut UProbe = prog.try_into().map_err(program_err)?;
+                    p.load()
+                }
                 _ => {
                     let p: &mut TracePoint = prog.try_into().map_err(program_err)?;
                     p.load()
@@ -210,6 +235,7 @@ impl Kernel {
             settings,
             data_links: Vec::new(),
             cgroup_links: HashMap::new(),
+            tls_links: HashMap::new(),
         };
         for hook in SCHED_HOOKS {
             kernel.attach(hook)?;
@@ -413,6 +439,75 @@ impl Kernel {
             }
         }
         tracing::info!(cgroup = %dir.display(), "cgroup data path detached");
+    }
+
+    /// Attaches the TLS uprobes to `library` (a path as this process sees it) for process `pid`
+    /// only: the kernel places the breakpoints in that process's memory alone, so other users of
+    /// the library pay nothing. Replaces what `pid` had. Returns the functions attached.
+    pub fn attach_tls(&mut self, pid: u32, library: &Path) -> Result<usize, KernelError> {
+        self.detach_tls(pid);
+        let Some(scope) = std::num::NonZeroU32::new(pid).map(UProbeScope::OneProcess) else {
+            return Ok(0);
+        };
+        let mut links = Vec::new();
+        let mut result = Ok(());
+        for (i, &(function, entry)) in TLS_FUNCTIONS.iter().enumerate() {
+            let attached = [entry, TLS_RETURN].into_iter().try_for_each(|program| {
+                let prog: &mut UProbe = self
+                    .ebpf
+                    .program_mut(program)
+                    .ok_or(ProgramError::NotLoaded)?
+                    .try_into()?;
+                links.push((program, prog.attach(function, library, scope)?));
+                Ok::<(), ProgramError>(())
+            });
+            if let Err(source) = attached {
+                // The `_ex` forms and the handshake are optional (older libraries lack them).
+                if i < 2 {
+                    result = Err(KernelError::AttachTls {
+                        function,
+                        library: library.display().to_string(),
+                        pid,
+                        source: Box::new(source),
+                    });
+                    break;
+                }
+                tracing::debug!(function, pid, error = %source, "TLS function not attached");
+            }
+        }
+        let attached = links.iter().filter(|(p, _)| *p != TLS_RETURN).count();
+        self.tls_links.insert(pid, links);
+        if let Err(e) = result {
+            self.detach_tls(pid);
+            return Err(e);
+        }
+        self.settings
+            .set(setting::TLS, 1, 0)
+            .map_err(map_err("SETTINGS"))?;
+        Ok(attached)
+    }
+
+    /// Detaches the TLS uprobes of `pid` (it exited or exec'd another program).
+    pub fn detach_tls(&mut self, pid: u32) {
+        let Some(links) = self.tls_links.remove(&pid) else {
+            return;
+        };
+        for (program, link) in links {
+            if let Some(prog) = self.ebpf.program_mut(program) {
+                let prog: Result<&mut UProbe, _> = prog.try_into();
+                if let Ok(prog) = prog {
+                    let _ = prog.detach(link);
+                }
+            }
+        }
+        if self.tls_links.is_empty() {
+            let _ = self.settings.set(setting::TLS, 0, 0);
+        }
+    }
+
+    /// Processes with TLS uprobes attached.
+    pub fn tls_processes(&self) -> usize {
+        self.tls_links.len()
     }
 
     /// Connections sampled in, out of `probe_common::SAMPLE_SCALE` (at least 1).

@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use probe_common::{
     ConnEvent, DataHeader, EventHeader, EventKind, ProcEvent, ReleaseEvent, SegmentHeader,
+    TlsHeader,
 };
 
 /// A decoded kernel event; `Data` borrows its payload from the ring buffer.
@@ -17,6 +18,7 @@ pub enum Record<'a> {
     Data(DataHeader, &'a [u8]),
     Segment(SegmentHeader, &'a [u8]),
     Release(ReleaseEvent),
+    Tls(TlsHeader, &'a [u8]),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -69,6 +71,17 @@ pub fn decode(bytes: &[u8]) -> Result<Record<'_>, RecordError> {
             Record::Segment(h, &payload[..h.captured as usize])
         }
         EventKind::Release => Record::Release(read(bytes)?),
+        EventKind::Tls => {
+            let h: TlsHeader = read(bytes)?;
+            let payload = &bytes[size_of::<TlsHeader>()..];
+            if payload.len() < h.captured as usize || u64::from(h.captured) > h.len {
+                return Err(RecordError::Payload {
+                    claimed: h.captured,
+                    carried: payload.len(),
+                });
+            }
+            Record::Tls(h, &payload[..h.captured as usize])
+        }
     })
 }
 
