@@ -36,9 +36,13 @@ pub fn detect(first: &[u8]) -> Option<Detected> {
 
 /// For a connection joined mid-way (or whose first bytes were not captured): whether the
 /// client's bytes start with a plausible HTTP/2 frame of the kinds a client sends first or
-/// often (SETTINGS, WINDOW_UPDATE, HEADERS on a client stream). The HTTP/2 decoder then finds
-/// its framing itself and reports what it cannot know as unknown.
+/// often (SETTINGS, WINDOW_UPDATE, HEADERS on a client stream), or a Postgres frontend message
+/// that starts a request (Query, Parse, Bind). The decoder then finds its framing itself and
+/// reports what it cannot know (table entries, statements prepared before) as unknown.
 pub fn detect_midstream(first: &[u8]) -> Option<Detected> {
+    if postgres_request(first) {
+        return Some(Detected::Postgres);
+    }
     if first.len() < 9 {
         return None;
     }
@@ -69,6 +73,82 @@ fn postgres_start(b: &[u8]) -> bool {
         CANCEL_REQUEST => len == 16,
         // StartupMessage, protocol 3.x: parameters follow, the whole message is small.
         c if c >> 16 == 3 => (9..=10_000).contains(&len),
+        _ => false,
+    }
+}
+
+/// Like [`detect_midstream`], for a connection whose client end is not known either: only
+/// bytes that can come from a client alone. A Postgres request message, or an HTTP/2 HEADERS
+/// frame on a client stream whose header block holds a request pseudo-header (`:method`,
+/// `:path`, `:scheme`, `:authority`) and no `:status`, read with an HPACK decoder that knows
+/// only the static table (`:method POST` and `GET` are static entries every encoder uses).
+pub fn detect_midstream_request(first: &[u8]) -> Option<Detected> {
+    if postgres_request(first) {
+        return Some(Detected::Postgres);
+    }
+    if first.len() < 10 || first[3] != 1 {
+        return None;
+    }
+    let len = u32::from_be_bytes([0, first[0], first[1], first[2]]) as usize;
+    let stream = u32::from_be_bytes([first[5], first[6], first[7], first[8]]) & 0x7fff_ffff;
+    if stream % 2 == 0 || len > 16_384 {
+        return None;
+    }
+    let flags = first[4];
+    let padded = flags & 0x08 != 0;
+    let pad = if padded { usize::from(first[9]) } else { 0 };
+    // PADDED: one pad-length byte; PRIORITY: five bytes before the block.
+    let at = 9 + usize::from(padded) + if flags & 0x20 != 0 { 5 } else { 0 };
+    let end = (9 + len).saturating_sub(pad).min(first.len());
+    let block = first.get(at..end)?;
+    let (mut request, mut response) = (false, false);
+    crate::hpack::HpackDecoder::new(false).decode_truncated(block, |name, _| match name {
+        Some(b":method" | b":path" | b":scheme" | b":authority") => request = true,
+        Some(b":status") => response = true,
+        _ => {}
+    });
+    (request && !response).then_some(Detected::Http2)
+}
+
+/// A Postgres frontend message that starts a request, checked strictly (its strings are
+/// NUL-terminated text where the capture shows them), since nothing else identifies the
+/// protocol mid-way: `Q` (simple query), `P` (Parse: name, query), `B` (Bind: portal, name).
+fn postgres_request(b: &[u8]) -> bool {
+    let Some(len) = be32(b, 1) else {
+        return false;
+    };
+    if !(5..=1 << 24).contains(&len) {
+        return false;
+    }
+    // The message's body as far as captured, and whether all of it was.
+    let end = (1 + len as usize).min(b.len());
+    let body = &b[5..end];
+    let whole = end == 1 + len as usize;
+    let text = |s: &[u8]| {
+        s.iter()
+            .all(|&c| c >= 0x20 || c == b'\t' || c == b'\n' || c == b'\r')
+    };
+    // The first `n` NUL-terminated strings of the body: text, terminated unless cut by the
+    // capture; `max` bounds the length of names.
+    let strings = |n: usize, max: usize| {
+        let mut rest = body;
+        for i in 0..n {
+            match rest.iter().position(|&c| c == 0) {
+                Some(at) => {
+                    if !text(&rest[..at]) || (i + 1 < n && at > max) {
+                        return false;
+                    }
+                    rest = &rest[at + 1..];
+                }
+                None => return !whole && text(rest) && (i + 1 == n || rest.len() <= max),
+            }
+        }
+        true
+    };
+    match b[0] {
+        b'Q' => body.len() > 1 && strings(1, usize::MAX) && (!whole || body.last() == Some(&0)),
+        b'P' => body.len() > 1 && strings(2, 63),
+        b'B' => body.len() >= 2 && strings(2, 63),
         _ => false,
     }
 }
@@ -115,5 +195,66 @@ mod tests {
         assert_eq!(detect_midstream(&[0, 0, 40, 1, 4, 0, 0, 0, 2]), None);
         assert_eq!(detect_midstream(&[0, 0, 12, 4, 0, 0, 0, 0, 1]), None);
         assert_eq!(detect_midstream(b"GET / HTTP/1.1\r\n"), None);
+    }
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn tells_request_headers_from_response_headers() {
+        // HEADERS on stream 1 starting with :method POST (static 3), with :status 200 (8).
+        assert_eq!(
+            detect_midstream_request(&[0, 0, 5, 1, 4, 0, 0, 0, 1, 0x83]),
+            Some(Detected::Http2)
+        );
+        assert_eq!(
+            detect_midstream_request(&[0, 0, 5, 1, 4, 0, 0, 0, 1, 0x88]),
+            None
+        );
+        // PADDED and PRIORITY: the block starts after them; a literal :path (name index 4).
+        assert_eq!(
+            detect_midstream_request(&[
+                0, 0, 11, 1, 0x28, 0, 0, 0, 3, 1, 0, 0, 0, 0, 9, 0x44, 1, b'/', 0
+            ]),
+            Some(Detected::Http2)
+        );
+        // Dynamic-table indices first, then :method POST (static 3): a request.
+        assert_eq!(
+            detect_midstream_request(&[0, 0, 3, 1, 4, 0, 0, 0, 1, 0xbe, 0xbf, 0x83]),
+            Some(Detected::Http2)
+        );
+        // SETTINGS (either side sends them), only dynamic-table indices: not told.
+        assert_eq!(
+            detect_midstream_request(&[0, 0, 6, 4, 0, 0, 0, 0, 0, 0]),
+            None
+        );
+        assert_eq!(
+            detect_midstream_request(&[0, 0, 1, 1, 4, 0, 0, 0, 1, 0xbe]),
+            None
+        );
+        let q = message(b'Q', b"SELECT 1\0");
+        assert_eq!(detect_midstream_request(&q), Some(Detected::Postgres));
+    }
+
+    #[test]
+    fn detects_postgres_requests_mid_stream() {
+        let q = message(b'Q', b"SELECT 1\0");
+        assert_eq!(detect_midstream(&q), Some(Detected::Postgres));
+        // Cut by the capture: still text so far.
+        assert_eq!(detect_midstream(&q[..8]), Some(Detected::Postgres));
+        let parse = message(b'P', b"s1\0SELECT $1\0\0\0");
+        assert_eq!(detect_midstream(&parse), Some(Detected::Postgres));
+        let bind = message(b'B', b"\0s1\0\0\0\0\0\0\0");
+        assert_eq!(detect_midstream(&bind), Some(Detected::Postgres));
+        // Binary where text must be, a query without its NUL, a bad length, other tags.
+        assert_eq!(detect_midstream(&message(b'Q', b"\x01\x02\0")), None);
+        assert_eq!(detect_midstream(&message(b'Q', b"SELECT 1")), None);
+        assert_eq!(detect_midstream(&[b'Q', 0, 0, 0, 2, b'x']), None);
+        assert_eq!(detect_midstream(&message(b'X', b"")), None);
+        assert_eq!(detect_midstream(&message(b'B', b"\x7f\x01\x02")), None);
     }
 }

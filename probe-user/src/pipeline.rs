@@ -453,7 +453,7 @@ impl Pipeline {
                 if tgid != 0 && !self.procs.contains_key(&tgid) {
                     self.register(tgid, cohort, true);
                 }
-                let (_, remote) = record::segment_addrs(&h);
+                let (local, remote) = record::segment_addrs(&h);
                 let seg = SegmentRecord {
                     tgid,
                     cohort,
@@ -472,6 +472,7 @@ impl Pipeline {
                     fin: h.flags & tcp_flag::FIN != 0,
                     rst: h.flags & tcp_flag::RST != 0,
                     peer: remote,
+                    local_port: local.port(),
                 };
                 unanswered = self
                     .table

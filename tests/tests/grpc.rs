@@ -261,3 +261,131 @@ fn a_grpc_canary_with_one_slower_method_fails_named() -> Result<()> {
     );
     Ok(())
 }
+
+/// The probe attached to a gRPC connection that has been busy for a while: both HPACK tables
+/// already hold entries (`:path` of the warmed-up methods, `x-request-id`, the server's
+/// statuses) that the probe never saw. Every call after the attach is an event, and no field
+/// is wrong: a field from an unseen table entry is reported unknown (`decoded` says which were
+/// read), never guessed.
+#[test]
+fn attached_to_an_open_grpc_connection_no_field_is_wrong() -> Result<()> {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "this test loads eBPF programs: run it as root (cargo xtask test)"
+    );
+    // Fast and Fail are known to the tables before the attach; Slow and Stream are not.
+    let plan = [("Fast", 20), ("Fail", 5), ("Slow", 5), ("Stream", 5)];
+    for path in ["auto", "syscall"] {
+        let what = format!("attach mid-connection, {path} path");
+        let dir = scratch_dir(&format!("grpc-attach-{path}"))?;
+        let cg = Cgroup::create(&format!(
+            "bakeoff-grpc-attach-{path}-{}",
+            std::process::id()
+        ))?;
+        let port = free_port();
+        let _server = Guard::shell(
+            "grpcio server",
+            &format!(
+                "{}python3 {}/echo_server.py {port} 2",
+                cg.exec_prefix(),
+                scripts().display()
+            ),
+            &[],
+        )?;
+        wait_for_port(port, Duration::from_secs(20))?;
+        let tag = format!("a{path}");
+        let mut client = Command::new("python3")
+            .arg(scripts().join("echo_client.py"))
+            .arg(port.to_string())
+            .arg(&tag)
+            .args(plan.map(|(m, n)| format!("{m}={n}")))
+            .env("ECHO_WARMUP", "Fast=10,Fail=3")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot run the grpcio client")?;
+        let mut stdout = BufReader::new(client.stdout.take().context("client stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        ensure!(line.trim() == "paused", "{what}: client said {line:?}");
+        let probe = ProbeRun::start(
+            &dir,
+            &[
+                "--data-path".into(),
+                path.into(),
+                "--cohort".into(),
+                format!("canary=cgroup:{}", cg.path().display()),
+            ],
+        )?;
+        client
+            .stdin
+            .take()
+            .context("client stdin")?
+            .write_all(b"go\n")?;
+        let mut said = String::new();
+        for _ in 0..plan.len() {
+            line.clear();
+            stdout.read_line(&mut line)?;
+            said.push_str(&line);
+        }
+        let status = client.wait()?;
+        ensure!(status.success(), "{what}: client failed: {said}");
+        ensure!(said.contains("Fast 20 20 0"), "{what}: {said}");
+        std::thread::sleep(Duration::from_millis(500));
+        let result = probe.stop()?;
+        let unreadable = result.counter(&["kernel_drops", "read_user"]) as usize;
+        let calls: usize = plan.iter().map(|(_, n)| n).sum();
+        ensure!(
+            result.events.len() <= calls && result.events.len() + unreadable >= calls,
+            "{what}: {} events for {calls} calls ({unreadable} unreadable reads): {:#?}",
+            result.events.len(),
+            result.events
+        );
+        let mut known_paths = 0;
+        for e in &result.events {
+            let decoded = e.attributes.get("decoded").cloned().unwrap_or_default();
+            let decoded: Vec<&str> = decoded.split(',').collect();
+            // The method, from the request id (a literal value under an indexed name).
+            let id = e.request_id.as_deref().unwrap_or_default();
+            let method = plan
+                .iter()
+                .map(|(m, _)| *m)
+                .find(|m| id.starts_with(&format!("{tag}-{m}-")))
+                .with_context(|| format!("{what}: request id {id:?} is not one sent: {e:?}"))?;
+            // `grpc` needs the content-type, which may be an unseen table entry: then `http2`.
+            ensure!(
+                (e.protocol == "grpc" || e.protocol == "http2") && e.cohort == "canary",
+                "{what}: {e:?}"
+            );
+            if decoded.contains(&"method") {
+                ensure!(e.method == "POST", "{what}: {e:?}");
+            }
+            if decoded.contains(&"path") {
+                known_paths += 1;
+                ensure!(e.path == format!("/bench.Echo/{method}"), "{what}: {e:?}");
+            } else {
+                ensure!(
+                    !e.path.contains("/bench.Echo/"),
+                    "{what}: a path guessed: {e:?}"
+                );
+            }
+            if decoded.contains(&"status") {
+                ensure!(e.status == Some(200), "{what}: {e:?}");
+            }
+            if let Some(code) = e.grpc_status {
+                ensure!(
+                    code == if method == "Fail" { 14 } else { 0 },
+                    "{what}: grpc-status of {method}: {e:?}"
+                );
+            }
+        }
+        // Methods first called after the attach carry their path in full.
+        ensure!(
+            known_paths >= 10,
+            "{what}: only {known_paths} paths decoded: {:#?}",
+            result.events
+        );
+    }
+    Ok(())
+}

@@ -15,7 +15,7 @@ use std::{
 use crate::{
     protocol::{
         Call, Decoder, Http1Exchange,
-        detect::{Detected, detect, detect_midstream},
+        detect::{Detected, detect, detect_midstream, detect_midstream_request},
         exchange::Anomaly,
         http1::{Side, starts_message},
         http2::Http2Exchange,
@@ -245,6 +245,21 @@ pub struct SegmentRecord<'a> {
     pub fin: bool,
     pub rst: bool,
     pub peer: SocketAddr,
+    pub local_port: u16,
+}
+
+/// Linux's default ephemeral port range (`net.ipv4.ip_local_port_range`).
+const EPHEMERAL: std::ops::RangeInclusive<u16> = 32768..=60999;
+
+/// The role of a connection seen mid-way, from its ports: a server's own port lies below the
+/// ephemeral range and its client's in it (and the reverse for a client); else unknown, and
+/// the first request bytes decide.
+fn role_from_ports(local: u16, remote: u16) -> Option<Role> {
+    match (EPHEMERAL.contains(&local), EPHEMERAL.contains(&remote)) {
+        (false, true) => Some(Role::Server),
+        (true, false) => Some(Role::Client),
+        _ => None,
+    }
 }
 
 /// The decoder for a detected protocol.
@@ -312,6 +327,9 @@ impl StreamDecoder {
                             } else if prefix.len() >= 7 && starts_message(Side::Response, prefix) {
                                 meta.role = Some(Role::requesting_in(dir.other()));
                                 Some((Detected::Http1, false))
+                            } else if let Some(p) = detect_midstream_request(prefix) {
+                                meta.role = Some(Role::requesting_in(dir));
+                                Some((p, true))
                             } else {
                                 None
                             }
@@ -625,8 +643,13 @@ impl ConnTable {
             if seg.rst || (seg.len == 0 && !seg.syn) || handshake_of_listener {
                 return Vec::new();
             }
-            // Our SYN leaving, or the peer's SYN-ACK arriving: we connected.
-            let role = seg.syn.then_some(Role::Client);
+            // Our SYN leaving, or the peer's SYN-ACK arriving: we connected. Joined mid-way,
+            // the ports may tell (a server's port below the ephemeral range, its peer's in it).
+            let role = if seg.syn {
+                Some(Role::Client)
+            } else {
+                role_from_ports(seg.local_port, seg.peer.port())
+            };
             let unanswered = self.open(
                 key,
                 seg.tgid,
@@ -660,6 +683,7 @@ impl ConnTable {
                     fin: first.fin,
                     rst: false,
                     peer: seg.peer,
+                    local_port: seg.local_port,
                 };
                 let mut more = self.segment(key, &record, done);
                 more.extend(unanswered);
