@@ -114,12 +114,24 @@ impl Postgres {
         clients: u32,
         limit: &[&str],
     ) -> Result<String> {
-        run(Command::new(format!("{BIN}/pgbench"))
-            .args(["-n", "-h", "127.0.0.1", "-U", "postgres"])
+        run(&mut self.pgbench_command(script, mode, clients, limit))
+    }
+
+    /// The pgbench command of [`Self::pgbench`], for a test that runs it in the background.
+    pub fn pgbench_command(
+        &self,
+        script: &Path,
+        mode: &str,
+        clients: u32,
+        limit: &[&str],
+    ) -> Command {
+        let mut cmd = Command::new(format!("{BIN}/pgbench"));
+        cmd.args(["-n", "-h", "127.0.0.1", "-U", "postgres"])
             .args(["-p", &self.port.to_string(), "-M", mode])
             .args(["-c", &clients.to_string(), "-j", "1", "-f"])
             .arg(script)
             .args(limit)
-            .arg("postgres"))
+            .arg("postgres");
+        cmd
     }
 }

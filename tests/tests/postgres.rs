@@ -254,3 +254,118 @@ fn a_query_slowed_by_a_dropped_index_fails_the_verdict_named() -> Result<()> {
     );
     Ok(())
 }
+
+/// The probe attached while pgbench's connections are busy in prepared mode (named statements
+/// parsed when each connection started, before the probe): every statement executed after the
+/// attach is an event; a statement prepared before it is named `EXECUTE <name> /* prepared
+/// before attach */`, never guessed; rows and errors are right.
+#[test]
+fn attached_to_open_postgres_connections_no_field_is_wrong() -> Result<()> {
+    root()?;
+    for path in ["auto", "syscall"] {
+        let what = format!("postgres attach mid-connection, {path} path");
+        let dir = scratch_dir(&format!("pg-attach-{path}"))?;
+        let cg = Cgroup::create(&format!("bakeoff-pg-attach-{path}-{}", std::process::id()))?;
+        let pg = Postgres::start(&dir, "db", &cg)?;
+        pg.psql(SCHEMA)?;
+        let script = dir.join("two.sql");
+        std::fs::write(
+            &script,
+            "\\set id random(1, 100000)\n\
+             SELECT payload FROM items WHERE id = :id;\n\
+             SELECT id FROM items WHERE id = :id + 1;\n",
+        )?;
+        let log_prefix = dir.join("pgbench-log");
+        let mut bench = pg
+            .pgbench_command(&script, "prepared", 2, &["-T", "5", "-R", "150"])
+            .arg("--log")
+            .arg(format!("--log-prefix={}", log_prefix.display()))
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot start pgbench")?;
+        std::thread::sleep(Duration::from_millis(1500));
+        let probe = ProbeRun::start(
+            &dir,
+            &[
+                "--data-path".into(),
+                path.into(),
+                "--cohort".into(),
+                format!("canary=cgroup:{}", cg.path().display()),
+            ],
+        )?;
+        let attached = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs_f64();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = bench.try_wait()? {
+                break status;
+            }
+            ensure!(Instant::now() < deadline, "{what}: pgbench did not end");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        ensure!(status.success(), "{what}: pgbench failed");
+        std::thread::sleep(Duration::from_millis(500));
+        let result = probe.stop()?;
+        // Transactions from pgbench's own log: end time (epoch s, us) in columns 5 and 6.
+        let (mut total, mut after) = (0usize, 0usize);
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if !entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("pgbench-log")
+            {
+                continue;
+            }
+            for line in std::fs::read_to_string(entry.path())?.lines() {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let (Some(s), Some(us)) = (f.get(4), f.get(5)) else {
+                    bail!("{what}: pgbench log line {line}");
+                };
+                let end = s.parse::<f64>()? + us.parse::<f64>()? / 1e6;
+                total += 1;
+                // Ended well after the attach: begun after it too (rate-limited, ~1 ms each).
+                if end > attached + 0.3 {
+                    after += 1;
+                }
+            }
+        }
+        ensure!(
+            after > 100,
+            "{what}: only {after} transactions after the attach"
+        );
+        let known = [
+            normalize("SELECT payload FROM items WHERE id = $1"),
+            normalize("SELECT id FROM items WHERE id = $1 + 1"),
+        ];
+        let mut unnamed = 0;
+        for e in &result.events {
+            let prepared_before =
+                e.path.starts_with("EXECUTE ") && e.path.ends_with("/* prepared before attach */");
+            unnamed += usize::from(prepared_before);
+            ensure!(
+                e.protocol == "postgres"
+                    && e.method == "SQL"
+                    && e.cohort == "canary"
+                    && e.error.is_none()
+                    && (known.contains(&e.path) || prepared_before)
+                    && e.attributes.get("db.rows").is_none_or(|r| r == "1"),
+                "{what}: {e:?}"
+            );
+        }
+        let events = result.events.len();
+        ensure!(
+            events >= 2 * after && events <= 2 * total,
+            "{what}: {events} events for {after}..{total} transactions of two statements"
+        );
+        ensure!(
+            unnamed > 0,
+            "{what}: no statement was named as prepared before the attach: {:?}",
+            by_path(&result.events).keys().collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}
