@@ -389,3 +389,127 @@ fn attached_to_an_open_grpc_connection_no_field_is_wrong() -> Result<()> {
     }
     Ok(())
 }
+
+/// tonic on both ends (hyper's h2 and HPACK: Huffman strings, the dynamic table): the
+/// collector's own gRPC query service, run in a cohort cgroup, called by a tonic client. One
+/// event per call, named `/bakeoff.v1.Query/<Method>`, with `grpc-status` (NOT_FOUND for a
+/// verdict of an unknown experiment, INVALID_ARGUMENT for a bad group-by).
+#[test]
+fn tonic_calls_become_exact_events() -> Result<()> {
+    use bakeoff_proto::v1::{
+        ExperimentsRequest, GroupsRequest, VerdictRequest, query_client::QueryClient,
+    };
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "this test loads eBPF programs: run it as root (cargo xtask test)"
+    );
+    let plan = [("Experiments", 20, 0), ("Verdict", 5, 5), ("Groups", 5, 3)];
+    for path in ["auto", "syscall"] {
+        let what = format!("tonic, {path} path");
+        let dir = scratch_dir(&format!("grpc-tonic-{path}"))?;
+        let cg = Cgroup::create(&format!("bakeoff-grpc-tonic-{path}-{}", std::process::id()))?;
+        let (grpc_port, http_port) = (free_port(), free_port());
+        let _server = Guard::shell(
+            "bakeoff serve (tonic)",
+            &format!(
+                "{}{} serve --grpc-listen 127.0.0.1:{grpc_port} --http-listen 127.0.0.1:{http_port} \
+                 --db {}/events.duckdb 2>{}/collector.log",
+                cg.exec_prefix(),
+                bakeoff_testkit::process::bin("bakeoff")?.display(),
+                dir.display(),
+                dir.display()
+            ),
+            &[],
+        )?;
+        wait_for_port(grpc_port, Duration::from_secs(30))?;
+        let probe = ProbeRun::start(
+            &dir,
+            &[
+                "--data-path".into(),
+                path.into(),
+                "--cohort".into(),
+                format!("canary=cgroup:{}", cg.path().display()),
+            ],
+        )?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let outcomes = runtime.block_on(async {
+            let mut client = QueryClient::connect(format!("http://127.0.0.1:{grpc_port}")).await?;
+            let mut outcomes: Vec<(&str, i32)> = Vec::new();
+            for &(method, n, _) in &plan {
+                for _ in 0..n {
+                    let code = match method {
+                        "Experiments" => {
+                            client.experiments(ExperimentsRequest {}).await.map(|_| ())
+                        }
+                        "Verdict" => client
+                            .verdict(VerdictRequest {
+                                experiment: "no-such-experiment".into(),
+                                ..Default::default()
+                            })
+                            .await
+                            .map(|_| ()),
+                        _ => client
+                            .groups(GroupsRequest {
+                                by: vec!["no_such_field".into()],
+                                ..Default::default()
+                            })
+                            .await
+                            .map(|_| ()),
+                    }
+                    .map_or_else(|s| s.code() as i32, |()| 0);
+                    outcomes.push((method, code));
+                }
+            }
+            anyhow::Ok(outcomes)
+        })?;
+        for &(method, _, code) in &plan {
+            ensure!(
+                outcomes
+                    .iter()
+                    .filter(|(m, _)| *m == method)
+                    .all(|(_, c)| *c == code),
+                "{what}: the client got {outcomes:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let result = probe.stop()?;
+        let unreadable = result.counter(&["kernel_drops", "read_user"]) as usize;
+        let allowed = if path == "syscall" { unreadable } else { 0 };
+        for &(method, n, code) in &plan {
+            let name = format!("/bakeoff.v1.Query/{method}");
+            let calls: Vec<&RequestEvent> =
+                result.events.iter().filter(|e| e.path == name).collect();
+            ensure!(
+                calls.len() <= n && calls.len() + allowed >= n,
+                "{what}: {} events for {n} calls of {name}: {:#?}",
+                calls.len(),
+                result.events
+            );
+            for e in calls {
+                ensure!(
+                    e.protocol == "grpc"
+                        && e.method == "POST"
+                        && e.status == Some(200)
+                        && e.grpc_status == Some(code)
+                        && e.error.is_some() == (code != 0)
+                        && e.attributes.get("rpc.service").map(String::as_str)
+                            == Some("bakeoff.v1.Query")
+                        && e.attributes.get("rpc.method").map(String::as_str) == Some(method)
+                        && e.role == "server"
+                        && e.bytes_in > 0
+                        && e.bytes_out > 0,
+                    "{what}: {e:?}"
+                );
+            }
+        }
+        let calls: usize = plan.iter().map(|(_, n, _)| n).sum();
+        ensure!(
+            result.events.len() <= calls && result.events.len() + allowed >= calls,
+            "{what}: {} events for {calls} calls",
+            result.events.len()
+        );
+    }
+    Ok(())
+}
