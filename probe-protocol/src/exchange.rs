@@ -61,6 +61,8 @@ pub struct Http1Exchange {
     pipelined: bool,
     /// Gaps seen in either direction.
     gaps: u64,
+    /// After an accepted `Upgrade: h2c`: the connection speaks HTTP/2 from there on.
+    h2: Option<Box<crate::http2::Http2Exchange>>,
 }
 
 impl Default for Http1Exchange {
@@ -78,6 +80,7 @@ impl Http1Exchange {
             orphan_response: false,
             pipelined: false,
             gaps: 0,
+            h2: None,
         }
     }
 
@@ -342,29 +345,52 @@ impl Decoder for Http1Exchange {
         done: &mut Vec<Call>,
         anomalies: &mut Vec<Anomaly>,
     ) {
+        if let Some(h2) = &mut self.h2 {
+            return h2.on_bytes(side, ts, prefix, len, done, anomalies);
+        }
         let mut exchanges = Vec::new();
         match side {
             Side::Request => self.on_request_bytes(ts, prefix, len, &mut exchanges, anomalies),
             Side::Response => self.on_response_bytes(ts, prefix, len, &mut exchanges, anomalies),
         }
+        // An accepted `Upgrade: h2c`: the request's answer comes as HTTP/2 stream 1.
+        if let Some(i) = exchanges
+            .iter()
+            .position(|e| e.response.status == 101 && e.request.h2c)
+        {
+            let e = exchanges.remove(i);
+            self.h2 = Some(Box::new(crate::http2::Http2Exchange::upgraded(
+                &e.request,
+                e.start_ts,
+                e.request_bytes,
+            )));
+        }
         done.extend(exchanges.into_iter().map(Call::from));
     }
 
     fn gap(&mut self, side: Side, anomalies: &mut Vec<Anomaly>) {
-        self.side_gap(side, anomalies);
+        match &mut self.h2 {
+            Some(h2) => h2.gap(side, anomalies),
+            None => self.side_gap(side, anomalies),
+        }
     }
 
     fn close(&mut self, reset: bool, done: &mut Vec<Call>) -> Vec<Call> {
         let mut exchanges = Vec::new();
         let left = self.finish(&mut exchanges);
         done.extend(exchanges.into_iter().map(Call::from));
-        left.into_iter()
+        let mut left: Vec<Call> = left
+            .into_iter()
             .map(|(head, ts)| unanswered(head, ts, "http1", reset))
-            .collect()
+            .collect();
+        if let Some(h2) = &mut self.h2 {
+            left.extend(h2.close(reset, done));
+        }
+        left
     }
 
     fn in_flight(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.h2.as_ref().map_or(0, |h2| h2.in_flight())
     }
 }
 
@@ -373,6 +399,122 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = len.to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[ty, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// curl's `--http2` over `http://`: an HTTP/1.1 request with `Upgrade: h2c`, answered 101,
+    /// then HTTP/2 both ways; the upgrade request's answer is stream 1.
+    #[test]
+    fn an_h2c_upgrade_continues_as_http2() {
+        let mut x = Http1Exchange::new();
+        let (mut done, mut anomalies) = (Vec::new(), Vec::new());
+        let mut feed = |x: &mut Http1Exchange, side, ts, b: &[u8], done: &mut Vec<Call>| {
+            x.on_bytes(side, ts, b, b.len() as u64, done, &mut anomalies)
+        };
+        let upgrade = b"GET /first HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: curl/7.88.1\r\n\
+            Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+            HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nx-request-id: up-1\r\n\r\n";
+        feed(&mut x, Side::Request, 10, upgrade, &mut done);
+        feed(
+            &mut x,
+            Side::Response,
+            20,
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+            &mut done,
+        );
+        assert!(done.is_empty(), "the 101 is not the answer: {done:?}");
+        feed(
+            &mut x,
+            Side::Response,
+            21,
+            &frame(4, 0, 0, &[0, 3, 0, 0, 0, 100]),
+            &mut done,
+        );
+        let mut preface = crate::detect::HTTP2_PREFACE.to_vec();
+        preface.extend(frame(4, 0, 0, &[]));
+        feed(&mut x, Side::Request, 30, &preface, &mut done);
+        // Stream 1's answer: :status 200 (static 8), then DATA with END_STREAM.
+        let mut answer = frame(1, 4, 1, &[0x88]);
+        answer.extend(frame(0, 1, 1, b"hello"));
+        feed(&mut x, Side::Response, 40, &answer, &mut done);
+        // A second request on stream 3: GET (2), http (6), / (4), :authority literal.
+        let mut block = vec![0x82, 0x86, 0x84, 0x41, 3];
+        block.extend_from_slice(b"a:1");
+        feed(
+            &mut x,
+            Side::Request,
+            50,
+            &frame(1, 5, 3, &block),
+            &mut done,
+        );
+        let mut answer = frame(1, 4, 3, &[0x8d]); // :status 404 (static 13)
+        answer.extend(frame(0, 1, 3, b"no"));
+        feed(&mut x, Side::Response, 60, &answer, &mut done);
+        assert_eq!(done.len(), 2, "{done:?}");
+        let first = &done[0];
+        assert_eq!(
+            (
+                first.protocol,
+                first.method.as_str(),
+                first.path.as_str(),
+                first.status
+            ),
+            ("http2", "GET", "/first", Some(200))
+        );
+        assert_eq!((first.start_ts, first.end_ts), (10, 40));
+        assert_eq!(first.request_bytes, upgrade.len() as u64);
+        assert_eq!(first.request_id.as_deref(), Some("up-1"));
+        let second = &done[1];
+        assert_eq!(
+            (second.method.as_str(), second.path.as_str(), second.status),
+            ("GET", "/", Some(404))
+        );
+        assert_eq!(x.in_flight(), 0);
+    }
+
+    /// An `Upgrade` other than h2c (a WebSocket) keeps the old behaviour: the 101 is the
+    /// answer, and nothing after it is parsed.
+    #[test]
+    fn other_upgrades_end_at_the_101() {
+        let mut x = Http1Exchange::new();
+        let (mut done, mut anomalies) = (Vec::new(), Vec::new());
+        let req =
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+        x.on_bytes(
+            Side::Request,
+            1,
+            req,
+            req.len() as u64,
+            &mut done,
+            &mut anomalies,
+        );
+        let resp = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n";
+        x.on_bytes(
+            Side::Response,
+            2,
+            resp,
+            resp.len() as u64,
+            &mut done,
+            &mut anomalies,
+        );
+        x.on_bytes(
+            Side::Request,
+            3,
+            &[0x81, 0x85, 1, 2, 3, 4, 5],
+            7,
+            &mut done,
+            &mut anomalies,
+        );
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].status, Some(101));
+    }
 
     /// One request/response pair as bytes, with what the exchange must report.
     #[derive(Clone, Debug)]

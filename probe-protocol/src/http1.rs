@@ -39,6 +39,10 @@ pub struct Head {
     pub user_agent: Option<String>,
     /// The connection changes protocol after this message (101, or a 2xx to CONNECT).
     pub upgrade: bool,
+    /// A request offering an upgrade to HTTP/2 over cleartext (`Upgrade: h2c`).
+    pub h2c: bool,
+    /// `host`, if present (the authority an upgraded HTTP/2 stream inherits).
+    pub host: Option<String>,
 }
 
 /// Something the parser found.
@@ -488,6 +492,12 @@ impl Framing {
                 head.traceparent = Some(text(h.value));
             } else if h.name.eq_ignore_ascii_case("user-agent") {
                 head.user_agent = Some(text(h.value));
+            } else if h.name.eq_ignore_ascii_case("upgrade") {
+                head.h2c = text(h.value)
+                    .split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("h2c"));
+            } else if h.name.eq_ignore_ascii_case("host") {
+                head.host = Some(text(h.value));
             }
         }
         (f, head)

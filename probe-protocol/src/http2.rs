@@ -1123,6 +1123,36 @@ impl Http2Exchange {
         }
     }
 
+    /// A connection that switched from HTTP/1.1 by an `Upgrade: h2c` request the server
+    /// accepted (101): that request is stream 1, half-closed by the client, answered in HTTP/2
+    /// (RFC 7540 section 3.2). Both sides continue with their connection prefaces.
+    pub fn upgraded(request: &crate::http1::Head, start_ts: u64, request_bytes: u64) -> Self {
+        let mut h2 = Self::new(false);
+        let req = Fields {
+            method: Some(request.method.clone()),
+            path: Some(request.path.clone()),
+            host: request.host.clone(),
+            user_agent: request.user_agent.clone(),
+            request_id: request.request_id.clone(),
+            traceparent: request.traceparent.clone(),
+            pseudo: true,
+            ..Fields::default()
+        };
+        h2.conn.streams.insert(
+            1,
+            Stream {
+                id: 1,
+                start_ts,
+                request_bytes,
+                req_ended: true,
+                req,
+                ..Stream::default()
+            },
+        );
+        h2.conn.max_request_stream = 1;
+        h2
+    }
+
     /// Counters of what was given up or not paired.
     pub fn stats(&self) -> Http2Stats {
         self.conn.stats
