@@ -25,15 +25,21 @@ enum Setup {
     CgroupTagged,
     SyscallUntagged,
     SyscallTagged,
+    /// HTTPS (nginx, libssl), no probe: the base of the TLS rows.
+    TlsNoProbe,
+    /// HTTPS on the cgroup path with the TLS uprobes.
+    TlsTagged,
 }
 
-const SETUPS: [Setup; 6] = [
+const SETUPS: [Setup; 8] = [
     Setup::NoProbe,
     Setup::Idle,
     Setup::CgroupUntagged,
     Setup::CgroupTagged,
     Setup::SyscallUntagged,
     Setup::SyscallTagged,
+    Setup::TlsNoProbe,
+    Setup::TlsTagged,
 ];
 
 impl Setup {
@@ -45,6 +51,21 @@ impl Setup {
             Setup::CgroupTagged => "cgroup path, tagged",
             Setup::SyscallUntagged => "syscall path, untagged",
             Setup::SyscallTagged => "syscall path, tagged",
+            Setup::TlsNoProbe => "https, no probe",
+            Setup::TlsTagged => "https, cgroup path, tagged",
+        }
+    }
+
+    fn tls(self) -> bool {
+        matches!(self, Setup::TlsNoProbe | Setup::TlsTagged)
+    }
+
+    /// What its Δ and x columns compare with.
+    fn base(self) -> Setup {
+        if self.tls() {
+            Setup::TlsNoProbe
+        } else {
+            Setup::NoProbe
         }
     }
 }
@@ -133,6 +154,8 @@ struct Bench {
     watched_port: u16,
     unwatched_port: u16,
     unwatched_master: u32,
+    /// The watched nginx's HTTPS port.
+    tls_port: u16,
 }
 
 impl Bench {
@@ -140,9 +163,11 @@ impl Bench {
     fn rule(&self, setup: Setup) -> Option<String> {
         let cgroup = |p: &Path| format!("canary=cgroup:{}", p.display());
         match setup {
-            Setup::NoProbe => None,
+            Setup::NoProbe | Setup::TlsNoProbe => None,
             Setup::Idle => Some(cgroup(&self.idle_cgroup)),
-            Setup::CgroupUntagged | Setup::CgroupTagged => Some(cgroup(&self.watched_cgroup)),
+            Setup::CgroupUntagged | Setup::CgroupTagged | Setup::TlsTagged => {
+                Some(cgroup(&self.watched_cgroup))
+            }
             Setup::SyscallUntagged => Some(format!("canary=pid:{}", self.member_pid)),
             Setup::SyscallTagged => Some(format!("canary=pid:{}", self.unwatched_master)),
         }
@@ -150,10 +175,10 @@ impl Bench {
 
     /// The nginx loaded: the one in the watched cgroup only for the tagged cgroup path.
     fn port(&self, setup: Setup) -> u16 {
-        if setup == Setup::CgroupTagged {
-            self.watched_port
-        } else {
-            self.unwatched_port
+        match setup {
+            Setup::CgroupTagged => self.watched_port,
+            Setup::TlsNoProbe | Setup::TlsTagged => self.tls_port,
+            _ => self.unwatched_port,
         }
     }
 }
@@ -197,8 +222,8 @@ fn probe(bins: &Path, rounds: usize, requests: u64) -> Result<()> {
         },
     )?;
     // A socket belongs to the cgroup its creator was in: each nginx starts in its cgroup.
-    let (_nginx_watched, watched_port) = nginx(&dir.join("watched"), &watched)?;
-    let (nginx_unwatched, unwatched_port) = nginx(&dir.join("unwatched"), &unwatched)?;
+    let (_nginx_watched, watched_port, tls_port) = nginx(&dir.join("watched"), &watched, true)?;
+    let (nginx_unwatched, unwatched_port, _) = nginx(&dir.join("unwatched"), &unwatched, false)?;
     let bench = Bench {
         bins: bins.to_path_buf(),
         dir: dir.clone(),
@@ -210,11 +235,16 @@ fn probe(bins: &Path, rounds: usize, requests: u64) -> Result<()> {
         watched_port,
         unwatched_port,
         unwatched_master: nginx_unwatched.pid(),
+        tls_port,
     };
 
     // Unmeasured: the first load of a fresh nginx is slower.
-    for port in [watched_port, unwatched_port] {
-        ab(&dir, port, requests)?;
+    for (port, tls) in [
+        (watched_port, false),
+        (unwatched_port, false),
+        (tls_port, true),
+    ] {
+        ab(&dir, port, tls, requests)?;
     }
 
     let mut rows: Vec<(Setup, Row)> = Vec::new();
@@ -270,10 +300,24 @@ fn probe(bins: &Path, rounds: usize, requests: u64) -> Result<()> {
 }
 
 /// nginx (master and two workers) answering every request with a BODY_BYTES body, started in
-/// `cgroup`; returns once it answered one request.
-fn nginx(dir: &Path, cgroup: &Cgroup) -> Result<(Guard, u16)> {
+/// `cgroup`, also over HTTPS (a throw-away certificate) with `tls`; returns once it answered one
+/// request, with its HTTP and HTTPS ports.
+fn nginx(dir: &Path, cgroup: &Cgroup, tls: bool) -> Result<(Guard, u16, u16)> {
     std::fs::create_dir_all(dir)?;
     let port = free_port();
+    let tls_port = free_port();
+    let body = "x".repeat(BODY_BYTES as usize - 1);
+    let https = if tls {
+        let pki = bakeoff_testkit::tls::Pki::create(dir)?;
+        format!(
+            "server {{ listen 127.0.0.1:{tls_port} ssl; ssl_certificate {}; \
+             ssl_certificate_key {}; location / {{ return 200 \"{body}\\n\"; }} }}\n",
+            pki.server_cert.display(),
+            pki.server_key.display()
+        )
+    } else {
+        String::new()
+    };
     std::fs::write(
         dir.join("nginx.conf"),
         format!(
@@ -281,9 +325,9 @@ fn nginx(dir: &Path, cgroup: &Cgroup) -> Result<(Guard, u16)> {
              error_log {d}/error.log warn; events {{ worker_connections 1024; }}\n\
              http {{ access_log off; client_body_temp_path {d}/body; keepalive_requests 1000000;\n\
              default_type text/plain;\n\
-             server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"{body}\\n\"; }} }} }}\n",
+             server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"{body}\\n\"; }} }}\n\
+             {https} }}\n",
             d = dir.display(),
-            body = "x".repeat(BODY_BYTES as usize - 1),
         ),
     )?;
     let guard = Guard::shell(
@@ -301,7 +345,7 @@ fn nginx(dir: &Path, cgroup: &Cgroup) -> Result<(Guard, u16)> {
         response.status == 200 && response.body_len == BODY_BYTES,
         "nginx answered {response:?}"
     );
-    Ok((guard, port))
+    Ok((guard, port, tls_port))
 }
 
 /// `kernel.bpf_stats_enabled`: off (it adds two clock reads to every BPF program run) except
@@ -382,15 +426,20 @@ fn measure(b: &Bench, setup: Setup) -> Result<Row> {
     let port = b.port(setup);
     let n = b.requests as f64;
     let before = CpuSnapshot::take(&b.nginx_cgroups, probe_pid)?;
-    row.max_rps = ab(&b.dir, port, b.requests)?;
+    row.max_rps = ab(&b.dir, port, setup.tls(), b.requests)?;
     let after = CpuSnapshot::take(&b.nginx_cgroups, probe_pid)?;
     row.cpu_us = (after.machine_us - before.machine_us) / n;
     let known = after.known_us() - before.known_us();
     row.other_us = (after.machine_us - before.machine_us - known) / n;
     row.probe_cpu_us = (after.probe_us - before.probe_us) / n;
 
+    // The fixed-rate client speaks plain HTTP only: HTTPS rows have no latency columns.
     BpfStats::set(true)?;
-    let fixed = fixed_rate(port);
+    let fixed = if setup.tls() {
+        Ok((f64::NAN, f64::NAN, 0))
+    } else {
+        fixed_rate(port)
+    };
     BpfStats::set(false)?;
     let (p50, p99, fixed_n) = fixed?;
     row.fixed_p50_us = p50;
@@ -543,7 +592,7 @@ fn task_cpu_us(pid: u32) -> Result<f64> {
 
 /// `ab -k -c 16 -n <requests>` against nginx, bounded in time; checks every request completed
 /// over keep-alive with a BODY_BYTES body; returns requests per second.
-fn ab(dir: &Path, port: u16, requests: u64) -> Result<f64> {
+fn ab(dir: &Path, port: u16, tls: bool, requests: u64) -> Result<f64> {
     let (out, err) = (dir.join("ab.out"), dir.join("ab.err"));
     let mut guard = Guard::spawn(
         "ab",
@@ -556,7 +605,10 @@ fn ab(dir: &Path, port: u16, requests: u64) -> Result<f64> {
                 "-n",
                 &requests.to_string(),
             ])
-            .arg(format!("http://127.0.0.1:{port}/"))
+            .arg(format!(
+                "{}://127.0.0.1:{port}/",
+                if tls { "https" } else { "http" }
+            ))
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out)?)
             .stderr(std::fs::File::create(&err)?),
@@ -697,11 +749,8 @@ fn report(rows: &[(Setup, Row)], rounds: usize, requests: u64, repeated: usize, 
         "2k_p50us",
         "2k_p99us"
     );
-    let (base_cpu, base_rps) = (
-        of(Setup::NoProbe, |r| r.cpu_us),
-        of(Setup::NoProbe, |r| r.max_rps),
-    );
     for s in SETUPS {
+        let (base_cpu, base_rps) = (of(s.base(), |r| r.cpu_us), of(s.base(), |r| r.max_rps));
         let (cpu, rps) = (of(s, |r| r.cpu_us), of(s, |r| r.max_rps));
         println!(
             "{:<23} {:>10.0} {:>8.0} {:>10.2} {:>+8.2} {:>6.2} {:>8.0} {:>6.2} {:>8.0} {:>8.0}",
@@ -721,8 +770,7 @@ fn report(rows: &[(Setup, Row)], rounds: usize, requests: u64, repeated: usize, 
         "\n{:<23} {:>16} {:>7} {:>10} {:>6} {:>10} {:>12}",
         "setup", "probe_cpu_us/req", "rss_MiB", "events/req", "drops", "bpf_ns/req", "bpf_runs/req"
     );
-    for s in &SETUPS[1..] {
-        let s = *s;
+    for s in SETUPS.into_iter().filter(|s| *s != s.base()) {
         println!(
             "{:<23} {:>16.2} {:>7.1} {:>10.2} {:>6.0} {:>10.0} {:>12.1}",
             s.name(),
@@ -740,7 +788,8 @@ fn report(rows: &[(Setup, Row)], rounds: usize, requests: u64, repeated: usize, 
         "setups: idle: --cohort canary=cgroup:<empty cgroup>. cgroup path: canary=cgroup:<cgroup of a \
          sleep and an\n  nginx>; tagged loads that nginx, untagged another one started in an unwatched \
          cgroup. syscall path:\n  canary=pid:<the sleep> (untagged) or pid:<the other nginx's master> \
-         (tagged), loading the other nginx."
+         (tagged), loading the other nginx.\n  https: the cgroup path's nginx over TLS (libssl), \
+         no probe or canary=cgroup:<its cgroup> (TLS uprobes);\n  its Δ and x are against https, no probe."
             .to_string(),
         format!(
             "getppid_ns, write_ns: per call in this (never watched) process, best of 5 x 200k calls \
