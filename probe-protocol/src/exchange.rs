@@ -113,7 +113,10 @@ impl Http1Exchange {
                             self.pipelined = true;
                         } else if !self.pipelined {
                             // One request at a time: one still waiting lost its response in a
-                            // gap.
+                            // gap. A response in progress answers it: its end is not paired.
+                            if self.pending.iter().any(|p| p.response.is_some()) {
+                                self.orphan_response = true;
+                            }
                             self.drop_pending(self.pending.len(), Side::Response, anomalies);
                         }
                     }
@@ -639,10 +642,32 @@ mod tests {
         )
     }
 
+    /// Found by fuzzing (fuzz/regressions/http1/response-of-dropped-request): after a gap, a
+    /// request dropped while its close-delimited response was in progress left that response
+    /// to be paired with the next request, which then ended before it started.
+    #[test]
+    fn a_response_in_progress_of_a_dropped_request_is_not_paired_with_the_next() {
+        let mut x = Http1Exchange::new();
+        let (mut done, mut an) = (Vec::new(), Vec::new());
+        x.side_gap(Side::Response, &mut an);
+        let get = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        x.on_request_bytes(10, get, get.len() as u64, &mut done, &mut an);
+        // No length: delimited by the close.
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nbody";
+        x.on_response_bytes(20, resp, resp.len() as u64, &mut done, &mut an);
+        let post = b"POST /b HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
+        x.on_request_bytes(30, post, post.len() as u64, &mut done, &mut an);
+        let unanswered = x.finish(&mut done);
+        assert!(done.iter().all(|e| e.end_ts >= e.start_ts), "{done:?}");
+        assert!(done.iter().all(|e| e.request.path != "/b"), "{done:?}");
+        assert_eq!(unanswered.len(), 1);
+        assert_eq!(unanswered[0].0.path, "/b");
+    }
+
     proptest! {
         /// Any split of request and response streams into reads gives the same exchanges,
         /// one request at a time (keep-alive).
-        #[test]
+    #[test]
         fn any_split_gives_the_same_exchanges(
             pairs in pairs_strategy(),
             cuts in prop::collection::vec(prop::collection::vec(0u16..1000, 0..8), 12),

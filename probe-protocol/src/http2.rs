@@ -836,8 +836,14 @@ impl Conn {
             // A promised request: its block only matters to the HPACK table. The frame is one of
             // the associated stream's.
             if let Some(st) = self.streams.get_mut(&block.stream) {
-                st.response_bytes += block.bytes;
-                st.resp_ts = block.end_ts;
+                match side {
+                    Side::Response => {
+                        st.response_bytes += block.bytes;
+                        st.resp_ts = block.end_ts;
+                    }
+                    // Clients never push (RFC 9113 §8.4); the bytes are still the client's.
+                    Side::Request => st.request_bytes += block.bytes,
+                }
             }
             return;
         }
@@ -1430,6 +1436,30 @@ mod tests {
         assert_eq!(attr("http2.stream").as_deref(), Some("1"));
         assert_eq!(attr("decoded").as_deref(), Some("method,path,status"));
         assert_eq!(f.x.in_flight(), 0);
+    }
+
+    /// Found by fuzzing (fuzz/regressions/http2/push-promise-from-client): a PUSH_PROMISE sent
+    /// by the client (invalid) counted as response bytes of its stream.
+    #[test]
+    fn a_client_push_promise_counts_as_request_bytes() {
+        let (mut renc, mut senc) = (Encoder::new(false), Encoder::new(false));
+        let mut f = Feeder::new(false);
+        let (req0, resp0) = connection_start();
+        f.feed(REQ, &req0);
+        f.feed(RESP, &resp0);
+        let block = renc.block(&grpc_request("/a.B/C"), Mode::Index);
+        let mut req = headers_frames(1, &block, false, 0, None, false);
+        let mut promise = 2u32.to_be_bytes().to_vec();
+        promise.extend(renc.block(&[(":method", "GET")], Mode::WithoutIndexing));
+        req.extend(frame(PUSH_PROMISE, END_HEADERS, 1, &promise));
+        req.extend(data(1, 5, true, None));
+        f.feed(REQ, &req);
+        let head = senc.block(&[(":status", "200"), ("grpc-status", "0")], Mode::Index);
+        let resp = headers_frames(1, &head, true, 0, None, false);
+        f.feed(RESP, &resp);
+        assert_eq!(f.done.len(), 1);
+        assert_eq!(f.done[0].request_bytes, req.len() as u64);
+        assert_eq!(f.done[0].response_bytes, resp.len() as u64);
     }
 
     #[test]

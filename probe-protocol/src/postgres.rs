@@ -990,6 +990,12 @@ impl Pairing {
                     *req_bytes += bytes;
                     return;
                 }
+                // The client spoke, if uncaptured: answer bytes lost before now belong to
+                // what was sent before (never to this request).
+                self.turn(resp, done, anomalies);
+                if self.unpaired {
+                    return;
+                }
                 let stmt = self.group_stmt.take();
                 anomalies.push(Anomaly::EndedAtTurn(DesyncReason::HeadTruncated));
                 self.push(
@@ -1202,7 +1208,12 @@ impl Pairing {
                 if self.copy_in {
                     self.copy_in = false;
                 } else {
-                    self.push(item(ItemKind::CopyMark), done, anomalies);
+                    // Its bytes went to the COPY it ends (above): the mark only holds its place.
+                    let mark = Item {
+                        req_bytes: 0,
+                        ..item(ItemKind::CopyMark)
+                    };
+                    self.push(mark, done, anomalies);
                 }
             }
             // Flush, CopyData: no answer of their own. Terminate: none at all.
@@ -2289,6 +2300,28 @@ mod tests {
         parts.iter().map(|p| p.len() as u64).sum()
     }
 
+    /// Found by fuzzing (fuzz/regressions/postgres/answer-before-request): answer bytes lost
+    /// while nothing waited for an answer were taken as the answer of an uncaptured request
+    /// sent after them, giving a call that ended before it started.
+    #[test]
+    fn answer_bytes_lost_before_an_uncaptured_request_do_not_answer_it() {
+        let mut h = H::new(false);
+        h.req(&[ssl_request()]);
+        // 'N', then 16 bytes the capture missed.
+        h.cap = 1;
+        h.resp(&[b"N".to_vec(), vec![0; 16]]);
+        // The startup, not captured at all.
+        h.cap = 0;
+        h.req(&[startup("alice", "shop")]);
+        h.cap = usize::MAX;
+        h.req(&[q("select 1")]);
+        h.resp(&[complete("SELECT 1"), ready(b'I')]);
+        let unanswered = h.x.close(false, &mut h.done);
+        for c in h.done.iter().chain(&unanswered) {
+            assert!(c.end_ts == 0 || c.end_ts >= c.start_ts, "{c:?}");
+        }
+    }
+
     #[test]
     fn ssl_refused_then_startup_then_simple_query() {
         let mut h = H::new(false);
@@ -2539,6 +2572,24 @@ mod tests {
         assert_eq!(attr(&h.done[0], "db.suspended"), Some("true"));
         assert_eq!(attr(&h.done[0], "db.rows"), Some("2"));
         assert_eq!(attr(&h.done[1], "db.rows"), Some("1"));
+    }
+
+    /// Found by fuzzing (fuzz/regressions/postgres/copy-done-counted-twice): a CopyDone or
+    /// CopyFail sent before the server's CopyInResponse counted twice into request bytes.
+    #[test]
+    fn copy_sent_ahead_of_its_answer_counts_its_bytes_once() {
+        let mut h = H::new(false);
+        let request = [q("COPY t FROM STDIN"), copy_data(20), copy_done()];
+        h.req(&request);
+        h.resp(&[copy_response(b'G'), complete("COPY 1"), ready(b'I')]);
+        let unanswered = h.x.close(false, &mut h.done);
+        let total: u64 = h
+            .done
+            .iter()
+            .chain(&unanswered)
+            .map(|c| c.request_bytes)
+            .sum();
+        assert_eq!(total, len(&request));
     }
 
     #[test]

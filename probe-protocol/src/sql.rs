@@ -682,25 +682,6 @@ fn literal_list(t: &[NTok<'_>], i: usize, open: u8, close: u8) -> Option<(usize,
     }
 }
 
-/// End (exclusive) of the parenthesized group starting at `i`, if it closes.
-fn group_end(t: &[NTok<'_>], i: usize) -> Option<usize> {
-    if !t.get(i)?.punct(b'(') {
-        return None;
-    }
-    let mut depth = 0usize;
-    for (j, tok) in t.iter().enumerate().skip(i) {
-        if tok.punct(b'(') {
-            depth += 1;
-        } else if tok.punct(b')') {
-            depth -= 1;
-            if depth == 0 {
-                return Some(j + 1);
-            }
-        }
-    }
-    None
-}
-
 const PLACEHOLDER_TOK: NTok<'static> = NTok {
     kind: NKind::Placeholder,
     text: PLACEHOLDER,
@@ -719,7 +700,16 @@ const COMMA_TOK: NTok<'static> = NTok {
 
 /// Collapses lists whose length varies with the data: `IN (1, 2, 3)` and `ARRAY[1, 2]` become
 /// one placeholder, and a run of equal `VALUES` rows becomes the first row and `, ...`.
+///
+/// Lists first, then rows, and rows are looked into (a `VALUES` or `IN` inside a row is
+/// collapsed as anywhere else): so a text normalizes the same whether or not a row around it
+/// is still closed, as after the cut at [`MAX_LEN`] (idempotence; fuzzing found both).
 fn collapse<'a>(t: Vec<NTok<'a>>) -> Vec<NTok<'a>> {
+    collapse_rows(collapse_lists(t))
+}
+
+/// `IN (...)` and `ARRAY[...]` lists of literals or parameters to one placeholder.
+fn collapse_lists<'a>(t: Vec<NTok<'a>>) -> Vec<NTok<'a>> {
     let mut out = Vec::with_capacity(t.len());
     let mut i = 0;
     while i < t.len() {
@@ -740,41 +730,94 @@ fn collapse<'a>(t: Vec<NTok<'a>>) -> Vec<NTok<'a>> {
                 out.push(NTok::new(NKind::Punct, close));
             }
             i = end;
+        }
+    }
+    out
+}
+
+/// Runs of equal `VALUES` rows to the first row and `, ...`. Rows are found with the
+/// parentheses matched once; a row is compared with the row before as it will be written
+/// (the `VALUES` inside rows are collapsed first: the last `VALUES` is done first). Rows
+/// nested in rows are compared once per level: linear unless `VALUES` rows nest deeply.
+fn collapse_rows<'a>(t: Vec<NTok<'a>>) -> Vec<NTok<'a>> {
+    if !t.iter().any(|tok| tok.kw(KW_VALUES)) {
+        return t;
+    }
+    // End (exclusive) of the group each `(` opens, when it closes.
+    let mut group_end = vec![None; t.len()];
+    let mut open = Vec::new();
+    for (j, tok) in t.iter().enumerate() {
+        if tok.punct(b'(') {
+            open.push(j);
+        } else if tok.punct(b')')
+            && let Some(o) = open.pop()
+        {
+            group_end[o] = Some(j + 1);
+        }
+    }
+    let row_at = |j: usize| group_end.get(j).copied().flatten();
+    // Tokens dropped, and where `, ...` goes (after the token at that index).
+    let mut dropped = vec![false; t.len()];
+    let mut more_after = vec![false; t.len()];
+    for i in (0..t.len()).rev() {
+        if !t[i].kw(KW_VALUES) {
             continue;
         }
-        if tok.kw(KW_VALUES) {
-            // Rows separated by commas; a row equal to the one before it is dropped.
-            let Some(mut end) = group_end(&t, i) else {
-                continue;
-            };
-            out.extend_from_slice(&t[i..end]);
-            let mut prev = i..end;
-            let mut dropped = false;
-            loop {
-                let next = (t.get(end).is_some_and(|c| c.punct(b',')))
-                    .then(|| group_end(&t, end + 1))
-                    .flatten();
-                let Some(next_end) = next else { break };
-                let row = end + 1..next_end;
-                if t[row.clone()] == t[prev.clone()] {
-                    dropped = true;
-                } else {
-                    if dropped {
-                        out.push(COMMA_TOK);
-                        out.push(MORE_TOK);
-                        dropped = false;
-                    }
-                    out.push(t[end]);
-                    out.extend_from_slice(&t[row.clone()]);
-                }
-                prev = row;
-                end = next_end;
+        let Some(mut end) = row_at(i + 1) else {
+            continue;
+        };
+        let mut prev = i + 1..end;
+        let mut kept_end = end;
+        let mut run = false;
+        loop {
+            if !t.get(end).is_some_and(|c| c.punct(b',')) {
+                break;
             }
-            if dropped {
+            if t.get(end + 1).is_some_and(|c| c.text == MORE) {
+                // Rows collapsed before (normalized text normalized again): the run goes
+                // on, and its mark is written again where the run ends.
+                dropped[end] = true;
+                dropped[end + 1] = true;
+                run = true;
+                end += 2;
+                continue;
+            }
+            let Some(next_end) = row_at(end + 1) else {
+                break;
+            };
+            let row = end + 1..next_end;
+            let written = |r: std::ops::Range<usize>| {
+                r.filter(|&j| !dropped[j]).flat_map(|j| {
+                    let more = more_after[j].then_some([COMMA_TOK, MORE_TOK]);
+                    std::iter::once(t[j]).chain(more.into_iter().flatten())
+                })
+            };
+            // `prev` is the last row kept (a dropped row equals it, and is written as nothing).
+            if written(row.clone()).eq(written(prev.clone())) {
+                dropped[end..next_end].fill(true);
+                run = true;
+            } else {
+                if run {
+                    more_after[kept_end - 1] = true;
+                    run = false;
+                }
+                kept_end = next_end;
+                prev = row;
+            }
+            end = next_end;
+        }
+        if run {
+            more_after[kept_end - 1] = true;
+        }
+    }
+    let mut out = Vec::with_capacity(t.len());
+    for (j, tok) in t.into_iter().enumerate() {
+        if !dropped[j] {
+            out.push(tok);
+            if more_after[j] {
                 out.push(COMMA_TOK);
                 out.push(MORE_TOK);
             }
-            i = end;
         }
     }
     out
@@ -814,7 +857,9 @@ fn render(t: &[NTok<'_>]) -> String {
 /// most [`MAX_LEN`] bytes then ` ...`. Never panics, and `normalize(normalize(s)) ==
 /// normalize(s)`.
 pub fn normalize(sql: &str) -> String {
-    render(&without_final_semicolons(collapse(to_ntoks(sql))))
+    // Final semicolons go first: a list they ended (`ARRAY[1,;`) must collapse as it does
+    // once they are gone, the second time.
+    render(&collapse(without_final_semicolons(to_ntoks(sql))))
 }
 
 /// A statement ends where its text ends: `SELECT 1;` (as pgbench prepares it) and `SELECT 1`
@@ -829,7 +874,7 @@ fn without_final_semicolons(mut t: Vec<NTok<'_>>) -> Vec<NTok<'_>> {
 /// Like [`normalize`] for a statement the capture cut: ends with ` …`. A string, comment or
 /// quoted identifier left open by the cut still normalizes (a string to `$?`).
 pub fn normalize_cut(sql: &str) -> String {
-    let mut t = without_final_semicolons(collapse(to_ntoks(sql)));
+    let mut t = collapse(without_final_semicolons(to_ntoks(sql)));
     t.push(NTok::new(NKind::Other, CUT_MARK));
     render(&t)
 }
@@ -1150,6 +1195,36 @@ mod tests {
         let sql = format!("SELECT 1 /*traceparent='{tp}',tracestate='x'*/");
         assert_eq!(traceparent(&sql), Some(tp));
         assert_eq!(traceparent("SELECT 1 /*traceparent='00-zz'*/"), None);
+    }
+
+    /// Found by fuzzing (fuzz/regressions/sql/values-nested): a `VALUES` row holding another
+    /// `VALUES` list after a collapsed run normalized differently the second time.
+    #[test]
+    fn collapsed_values_rows_normalize_again_to_themselves() {
+        for s in [
+            "INSERT INTO t b) VALUES (1, 'x'), (2, 'y'), ((a, b) VALUES (1, 'x'), (2, 'y'), (3! 'zU&') RETUR b)  id",
+            "VALUES (1), (2), (VALUES (3), (4))",
+            "VALUES (1), (2), (3 IN (1, 2)), (4)",
+            // Also found by fuzzing (fuzz/regressions/sql/array-before-semicolon).
+            "y[4,;;;a3)nay[ array[4,;",
+            "SELECT ARRAY[1, 2,;",
+            // fuzz/regressions/sql/values-row-past-the-cut: a row closing after MAX_LEN.
+            &format!("VALUES (x IN (1, 2), {} 1)", "y, ".repeat(400)),
+            "VALUES ((VALUES (1), (1))), ((VALUES (1), ...))",
+            "INSERT INTO t (a, b) VALUES (1, 'x'), (2, 'y'), (3, 'z') RETURNING id",
+        ] {
+            let once = normalize(s);
+            assert_eq!(normalize(&once), once, "{s}");
+        }
+        // Rows are still collapsed, also inside rows.
+        assert_eq!(
+            normalize("INSERT INTO t (a, b) VALUES (1, 'x'), (2, 'y'), (3, 'z') RETURNING id"),
+            "INSERT INTO t(a, b) VALUES ($?, $?), ... RETURNING id"
+        );
+        assert_eq!(
+            normalize("VALUES (1), (2), (VALUES (3), (4)), (5), (x IN (1, 2))"),
+            "VALUES ($?), ..., (VALUES ($?), ...), ($?), (x IN ($?))"
+        );
     }
 
     proptest! {
