@@ -23,6 +23,7 @@
 //! capture could not record there, so a replay knows the session is incomplete).
 
 mod read;
+pub mod redact;
 mod write;
 
 pub use read::CaptureReader;

@@ -1,0 +1,6 @@
+//! `http1`: see `bakeoff_protocol::harness::http1` for the input format and the invariants.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    bakeoff_protocol::harness::http1(data);
+});

@@ -1,0 +1,6 @@
+//! `http2`: see `bakeoff_protocol::harness::http2` for the input format and the invariants.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    bakeoff_protocol::harness::http2(data);
+});

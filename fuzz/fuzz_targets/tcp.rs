@@ -1,0 +1,6 @@
+//! `tcp`: see `bakeoff_protocol::harness::tcp` for the input format and the invariants.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    bakeoff_protocol::harness::tcp(data);
+});
