@@ -8,6 +8,8 @@ pub mod stream;
 pub mod call;
 pub mod detect;
 pub mod exchange;
+/// Fuzz harnesses shared by `fuzz/` and the corpus replay test.
+pub mod harness;
 pub mod hpack;
 pub mod http1;
 pub mod http2;
