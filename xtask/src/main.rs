@@ -2,6 +2,7 @@
 //! that needs the toolchain bootstraps it first, so a fresh clone needs nothing else.
 
 mod bootstrap;
+mod fuzz;
 
 use std::process::Command;
 
@@ -46,6 +47,21 @@ enum Cmd {
         /// Interleaved rounds per configuration.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+    },
+    /// libFuzzer campaigns on the decoders (fuzz/): executions and crashes per target.
+    Fuzz {
+        /// Seconds per target (default 60 unless --runs is given).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Executions per target.
+        #[arg(long)]
+        runs: Option<u64>,
+        /// Only this target (repeatable): http1, http2, hpack, postgres, sql, detect, tcp.
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        /// Minimize each corpus afterwards (cargo fuzz cmin).
+        #[arg(long)]
+        minimize: bool,
     },
 }
 
@@ -179,5 +195,16 @@ fn main() -> Result<()> {
                 .args(["--rounds", &rounds.to_string()])
                 .args(["--events", &events.to_string()]))
         }
+        Cmd::Fuzz {
+            seconds,
+            runs,
+            targets,
+            minimize,
+        } => fuzz::fuzz(fuzz::Options {
+            seconds,
+            runs,
+            targets,
+            minimize,
+        }),
     }
 }
