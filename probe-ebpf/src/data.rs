@@ -17,7 +17,7 @@ use probe_common::{
 use crate::{
     cohort::current_tgid,
     maps::{PREFIX_LEN, SCRATCH, SOCKETS, count_drop, emit_bytes, setting},
-    sockets::{ARG0, ARG1, ARG2, RET},
+    sockets::{ARG0, ARG1, ARG2, ARG3, RET},
     sockets::{save_call, take_call},
 };
 
@@ -58,6 +58,25 @@ pub fn enter_buf(ctx: &TracePointContext, syscall: u8) {
     save_if_tracked(fd, buf, 0, syscall);
 }
 
+/// `MSG_PEEK`: the bytes stay in the socket and will be read again.
+const MSG_PEEK: u64 = 2;
+
+/// `recvfrom(fd, buf, len, flags, ...)`: as `read`, except that a peek moves nothing (nginx
+/// peeks one byte of every connection to a TLS port; counting it would duplicate it).
+pub fn enter_recvfrom(ctx: &TracePointContext) {
+    let (Ok(fd), Ok(buf), Ok(flags)) = (
+        unsafe { ctx.read_at::<u64>(ARG0) },
+        unsafe { ctx.read_at::<u64>(ARG1) },
+        unsafe { ctx.read_at::<u64>(ARG3) },
+    ) else {
+        return;
+    };
+    if flags & MSG_PEEK != 0 {
+        return;
+    }
+    save_if_tracked(fd, buf, 0, syscall::RECVFROM);
+}
+
 /// `readv`/`writev`: (fd, iov, iovcnt).
 pub fn enter_iov(ctx: &TracePointContext, syscall: u8) {
     let (Ok(fd), Ok(iov), Ok(cnt)) = (
@@ -73,11 +92,16 @@ pub fn enter_iov(ctx: &TracePointContext, syscall: u8) {
 /// `recvmsg`/`sendmsg`: (fd, msghdr, flags); the iovecs are read from the msghdr, and only for
 /// tracked sockets.
 pub fn enter_msg(ctx: &TracePointContext, syscall: u8) {
-    let (Ok(fd), Ok(msg)) = (unsafe { ctx.read_at::<u64>(ARG0) }, unsafe {
-        ctx.read_at::<u64>(ARG1)
-    }) else {
+    let (Ok(fd), Ok(msg), Ok(flags)) = (
+        unsafe { ctx.read_at::<u64>(ARG0) },
+        unsafe { ctx.read_at::<u64>(ARG1) },
+        unsafe { ctx.read_at::<u64>(ARG2) },
+    ) else {
         return;
     };
+    if syscall == syscall::RECVMSG && flags & MSG_PEEK != 0 {
+        return;
+    }
     let key = SockKey {
         tgid: current_tgid(),
         fd: fd as u32,

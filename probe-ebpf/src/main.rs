@@ -98,10 +98,16 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
 
 // --- data: the read and write families ---
 
-/// Attached to `sys_enter_read` and `sys_enter_recvfrom` (fd, buf, count first).
 #[tracepoint(category = "syscalls", name = "sys_enter_read")]
 pub fn sys_enter_read(ctx: TracePointContext) -> u32 {
     data::enter_buf(&ctx, syscall::READ);
+    0
+}
+
+/// `recvfrom`: as `read`, but a `MSG_PEEK` is not data.
+#[tracepoint(category = "syscalls", name = "sys_enter_recvfrom")]
+pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
+    data::enter_recvfrom(&ctx);
     0
 }
 

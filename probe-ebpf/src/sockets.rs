@@ -19,6 +19,7 @@ use crate::{
 pub const ARG0: usize = 16;
 pub const ARG1: usize = 24;
 pub const ARG2: usize = 32;
+pub const ARG3: usize = 40;
 pub const RET: usize = 16;
 /// `__syscall_nr` in every `syscalls/*` record.
 const SYSCALL_NR: usize = 8;

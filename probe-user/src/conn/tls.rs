@@ -14,7 +14,8 @@ use super::{ConnKey, Direction};
 /// Whether bytes start a TLS record (handshake, alert, change cipher spec, application data)
 /// of a TLS 1.0-1.3 (or SSL 3) stream: content type 20-23, version 3.0-3.4.
 pub fn starts_tls_record(prefix: &[u8]) -> bool {
-    matches!(prefix, [20..=23, 3, 0..=4, ..])
+    // A piece of one or two bytes (a peek, a cut read) that could start one counts too.
+    matches!(prefix, [20..=23] | [20..=23, 3] | [20..=23, 3, 0..=4, ..])
 }
 
 /// Plaintext pieces held per session, and sessions with pieces held.

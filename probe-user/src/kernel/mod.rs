@@ -41,7 +41,7 @@ const SOCKET_HOOKS: &[(&str, &str, &str)] = &[
     ("sys_exit_socket", "syscalls", "sys_exit_connect"),
     ("sys_enter_close", "syscalls", "sys_enter_close"),
     ("sys_enter_read", "syscalls", "sys_enter_read"),
-    ("sys_enter_read", "syscalls", "sys_enter_recvfrom"),
+    ("sys_enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
     ("sys_enter_write", "syscalls", "sys_enter_write"),
     ("sys_enter_write", "syscalls", "sys_enter_sendto"),
     ("sys_enter_readv", "syscalls", "sys_enter_readv"),
