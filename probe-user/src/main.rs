@@ -108,6 +108,27 @@ struct Cli {
     /// Write the probe's counters (events, drops by reason) as JSON to this file at exit.
     #[arg(long)]
     stats_file: Option<PathBuf>,
+    /// Record this cohort's traffic (TLS plaintext included, redacted) into `--capture-file`,
+    /// for `bakeoff replay`.
+    #[arg(long, requires = "capture_file", value_name = "COHORT")]
+    capture_cohort: Option<String>,
+    /// The capture file to write (bakeoff capture format, zstd).
+    #[arg(long, requires = "capture_cohort")]
+    capture_file: Option<PathBuf>,
+    /// Stop recording once the file holds this many bytes (default 1 GiB); later records are
+    /// counted, not written.
+    #[arg(long, default_value_t = 1 << 30)]
+    capture_max_bytes: u64,
+    /// More headers to mask in the capture (Authorization, Proxy-Authorization, Cookie and
+    /// Set-Cookie always are). Repeatable.
+    #[arg(long = "redact-header", value_name = "NAME")]
+    redact_headers: Vec<String>,
+    /// JSON fields whose values are masked in the capture. Repeatable.
+    #[arg(long = "redact-json", value_name = "FIELD")]
+    redact_json: Vec<String>,
+    /// Regular expressions whose matches are masked in the capture. Repeatable.
+    #[arg(long = "redact-regex", value_name = "REGEX")]
+    redact_regex: Vec<String>,
 }
 
 impl Cli {
@@ -243,6 +264,43 @@ fn run(cli: Cli) -> Result<()> {
     hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
     let mut tls = TlsWatch::default();
     follow_membership(&mut tls, &mut kernel, &mut pipeline);
+    if let (Some(cohort), Some(path)) = (&cli.capture_cohort, &cli.capture_file) {
+        let id = pipeline
+            .cohorts()
+            .names()
+            .iter()
+            .position(|n| n == cohort)
+            .with_context(|| {
+                format!(
+                    "--capture-cohort {cohort}: no such cohort (cohorts: {:?})",
+                    pipeline.cohorts().names()
+                )
+            })? as u32
+            + 1;
+        let redactor = bakeoff_capture::redact::Redactor::new(&bakeoff_capture::redact::Rules {
+            headers: cli.redact_headers.clone(),
+            json_fields: cli.redact_json.clone(),
+            regexes: cli.redact_regex.clone(),
+        })?;
+        let meta = bakeoff_capture::Meta {
+            experiment: config.experiment.clone(),
+            cohort: cohort.clone(),
+            started_unix_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            ..Default::default()
+        };
+        let recording = bakeoff_probe::recording::Recording::create(
+            path,
+            id,
+            meta,
+            redactor,
+            cli.capture_max_bytes,
+        )
+        .with_context(|| format!("cannot create capture file {}", path.display()))?;
+        pipeline.start_recording(recording);
+        tracing::info!(cohort, file = %path.display(), "recording");
+    }
     let mut budget = Budget::new(config.max_cpu);
     tracing::info!(
         cohorts = ?pipeline.cohorts().names(),
@@ -479,6 +537,7 @@ fn run(cli: Cli) -> Result<()> {
         "connections": pipeline.conn_stats(),
         "in_flight_at_exit": pipeline.in_flight(),
         "tls": pipeline.tls_stats(),
+        "recording": pipeline.finish_recording(),
         "tls_watch": tls.stats,
         "export": exporter_stats,
         "otlp": otlp_stats,

@@ -78,6 +78,9 @@ pub struct Pipeline {
     /// Processes that joined a cohort (or exec'd) and left it since `take_membership_changes`.
     joined: Vec<u32>,
     left: Vec<u32>,
+    /// A cohort being recorded (`--capture-cohort`).
+    recording: Option<crate::recording::Recording>,
+    recording_error: Option<String>,
     pub stats: PipelineStats,
 }
 
@@ -95,7 +98,47 @@ impl Pipeline {
             sessions: Sessions::default(),
             joined: Vec::new(),
             left: Vec::new(),
+            recording: None,
+            recording_error: None,
             stats: PipelineStats::default(),
+        }
+    }
+
+    /// Starts recording a cohort's connections (the open ones included).
+    pub fn start_recording(&mut self, recording: crate::recording::Recording) {
+        self.table.tap(Some(recording.cohort()));
+        self.recording = Some(recording);
+    }
+
+    /// Writes what the recorded connections produced; a write error ends the recording (logged
+    /// and reported in the stats), never the probe.
+    fn record(&mut self) {
+        let Some(rec) = self.recording.as_mut() else {
+            return;
+        };
+        let tapped = self.table.take_tapped();
+        if tapped.is_empty() {
+            return;
+        }
+        if let Err(e) = rec.record(tapped) {
+            tracing::error!(error = %e, "capture write failed: recording stopped");
+            self.recording_error = Some(e.to_string());
+            self.recording = None;
+            self.table.tap(None);
+        }
+    }
+
+    /// Ends the recording, if any: the capture file is completed. Its counters, as JSON.
+    pub fn finish_recording(&mut self) -> serde_json::Value {
+        self.record();
+        self.table.tap(None);
+        match self.recording.take().map(|r| r.finish()) {
+            Some(Ok(stats)) => serde_json::to_value(stats).unwrap_or_default(),
+            Some(Err(e)) => serde_json::json!({ "error": e.to_string() }),
+            None => match &self.recording_error {
+                Some(e) => serde_json::json!({ "error": e }),
+                None => serde_json::Value::Null,
+            },
         }
     }
 
@@ -217,6 +260,12 @@ impl Pipeline {
     fn expire_at(&mut self, now: u64, out: &mut Vec<RequestEvent>) {
         let mut done = Vec::new();
         self.table.expire(now, &mut done);
+        self.record();
+        if let Some(rec) = self.recording.as_mut()
+            && let Err(e) = rec.flush()
+        {
+            tracing::warn!(error = %e, "capture flush failed");
+        }
         self.stats.events += done.len() as u64;
         for d in done {
             out.push(self.event(d));
@@ -490,6 +539,9 @@ impl Pipeline {
                     self.table.forget(key, &mut done);
                 }
             }
+        }
+        if self.recording.is_some() {
+            self.record();
         }
         self.stats.events += (done.len() + unanswered.len()) as u64;
         for d in done {

@@ -118,6 +118,37 @@ struct Meta {
     peer: Option<SocketAddr>,
     /// Seen mid-way: adopted from its data rather than opened while watched.
     midstream: bool,
+    /// Pieces kept for a recording of this connection's cohort (see `ConnTable::tap`).
+    tap: Option<Vec<Tapped>>,
+}
+
+/// A piece of a connection's stream kept for a recording: the bytes the decoders see (TLS
+/// plaintext, not ciphertext), in stream order per direction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tapped {
+    pub dir: Direction,
+    pub ts: u64,
+    /// Exact bytes; `prefix.len() < len` when the capture cut the piece.
+    pub len: u64,
+    pub prefix: Vec<u8>,
+    /// A gap of `len` bytes (0: unknown) instead of data.
+    pub gap: bool,
+}
+
+/// What a recording receives: pieces with their connection's identity, and closes.
+#[derive(Clone, Debug)]
+pub enum TapEvent {
+    Piece {
+        key: ConnKey,
+        tgid: u32,
+        role: Option<Role>,
+        peer: Option<SocketAddr>,
+        midstream: bool,
+        piece: Tapped,
+    },
+    Close {
+        key: ConnKey,
+    },
 }
 
 /// The decoding state of a connection.
@@ -202,6 +233,9 @@ pub struct ConnTable {
     /// accepted socket shows up (bounded, oldest dropped).
     handoff: VecDeque<(SocketAddr, u64, OwnedSegment)>,
     stats: ConnStats,
+    /// The cohort being recorded, and what its connections produced since `take_tapped`.
+    tap_cohort: Option<u32>,
+    tapped: Vec<TapEvent>,
 }
 
 /// A segment kept for later (see `ConnTable::handoff`).
@@ -313,6 +347,24 @@ impl StreamDecoder {
         stats: &mut ConnStats,
         done: &mut Vec<Call>,
     ) {
+        if let Some(tap) = &mut meta.tap {
+            tap.push(match piece {
+                Piece::Gap { bytes } => Tapped {
+                    dir,
+                    ts: 0,
+                    len: bytes.unwrap_or(0),
+                    prefix: Vec::new(),
+                    gap: true,
+                },
+                Piece::Data { ts, len, prefix } => Tapped {
+                    dir,
+                    ts,
+                    len,
+                    prefix: prefix.to_vec(),
+                    gap: false,
+                },
+            });
+        }
         match piece {
             Piece::Gap { bytes } => self.gap(meta, dir, bytes, None, stats),
             Piece::Data { ts, len, prefix } => {
@@ -495,6 +547,50 @@ impl ConnTable {
             listeners: Default::default(),
             handoff: VecDeque::new(),
             stats: ConnStats::default(),
+            tap_cohort: None,
+            tapped: Vec::new(),
+        }
+    }
+
+    /// Records the connections of `cohort` from now on (`None`: stop), the ones already open
+    /// included (a capture covers sessions open when it starts).
+    pub fn tap(&mut self, cohort: Option<u32>) {
+        self.tap_cohort = cohort;
+        for conn in self.conns.values_mut() {
+            conn.meta.tap = (Some(conn.meta.cohort) == cohort).then(Vec::new);
+        }
+        if cohort.is_none() {
+            self.tapped.clear();
+        }
+    }
+
+    /// What the recorded connections produced since the last call.
+    pub fn take_tapped(&mut self) -> Vec<TapEvent> {
+        std::mem::take(&mut self.tapped)
+    }
+
+    /// Moves a connection's kept pieces to `tapped`.
+    fn drain_tap(tapped: &mut Vec<TapEvent>, key: ConnKey, meta: &mut Meta) {
+        let Some(tap) = meta.tap.as_mut() else { return };
+        for piece in tap.drain(..) {
+            tapped.push(TapEvent::Piece {
+                key,
+                tgid: meta.tgid,
+                role: meta.role,
+                peer: meta.peer,
+                midstream: meta.midstream,
+                piece,
+            });
+        }
+    }
+
+    /// After an operation on `key`: its kept pieces go to `tapped`.
+    fn drain_tap_of(&mut self, key: ConnKey) {
+        if self.tap_cohort.is_none() {
+            return;
+        }
+        if let Some(conn) = self.conns.get_mut(&key) {
+            Self::drain_tap(&mut self.tapped, key, &mut conn.meta);
         }
     }
 
@@ -567,6 +663,7 @@ impl ConnTable {
                     cohort,
                     peer,
                     midstream,
+                    tap: (self.tap_cohort == Some(cohort)).then(Vec::new),
                 },
                 decoder: StreamDecoder::new(),
                 last_seq: 0,
@@ -616,6 +713,7 @@ impl ConnTable {
             &mut exchanges,
         );
         Conn::labelled(&conn.meta, exchanges, done);
+        self.drain_tap_of(key);
     }
 
     /// One TCP segment (cgroup path). A connection not yet known is adopted; its role comes from
@@ -741,6 +839,7 @@ impl ConnTable {
             &mut |piece| decoder.feed(meta, seg.dir, piece, stats, &mut exchanges),
         );
         Conn::labelled(meta, exchanges, done);
+        self.drain_tap_of(key);
         if seg.rst {
             return self.close(key, true, done);
         }
@@ -801,12 +900,18 @@ impl ConnTable {
             &mut exchanges,
         );
         Conn::labelled(&conn.meta, exchanges, done);
+        self.drain_tap_of(key);
     }
 
     /// Gives up on TCP holes older than the reassembly timeout (called periodically).
     pub fn expire(&mut self, now: u64, done: &mut Vec<ConnExchange>) {
-        let Self { conns, stats, .. } = self;
-        for conn in conns.values_mut() {
+        let Self {
+            conns,
+            stats,
+            tapped,
+            ..
+        } = self;
+        for (key, conn) in conns.iter_mut() {
             let Conn {
                 meta,
                 decoder,
@@ -831,6 +936,7 @@ impl ConnTable {
                 });
             }
             Conn::labelled(meta, exchanges, done);
+            Self::drain_tap(tapped, *key, meta);
         }
     }
 
@@ -867,6 +973,10 @@ impl ConnTable {
         }
         if decoder.encrypted && !decoder.plaintext {
             self.stats.tls_undecoded += 1;
+        }
+        if meta.tap.is_some() {
+            Self::drain_tap(&mut self.tapped, key, meta);
+            self.tapped.push(TapEvent::Close { key });
         }
         let Proto::Decoding(dec) = &mut decoder.proto else {
             Conn::labelled(meta, exchanges, done);
