@@ -1220,7 +1220,10 @@ mod tests {
         // A collapsed run, a comma, then the cut at MAX_LEN (fuzz/regressions/sql/
         // values-run-at-the-cut): the cut's mark is not a run's.
         for n in 480..530 {
-            let s = format!("SELECT {} VALUES (1), (1), x, y, z", "a, ".repeat(n / 3 + 170));
+            let s = format!(
+                "SELECT {} VALUES (1), (1), x, y, z",
+                "a, ".repeat(n / 3 + 170)
+            );
             let once = normalize(&s);
             assert_eq!(normalize(&once), once, "{n}");
             let s = format!("{} VALUES (1), (1), x, y", "a ".repeat(n));
