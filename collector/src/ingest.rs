@@ -2,11 +2,13 @@
 //! acknowledged with its sequence; a batch at or below the last stored sequence of its probe is
 //! a resend and is acknowledged without being stored again.
 //!
-//! Each stream stores one batch at a time, in order, while the next one is received and decoded;
-//! batches of several streams waiting at once are committed together by the store.
+//! Each stream hands its batches to the store in order (`Store::submit`) without waiting for
+//! each to be durable, and acknowledges them in order as the store commits them: DuckDB commits
+//! the batches of every stream in large groups. A store that stores each batch before taking the
+//! next (ClickHouse) still overlaps receiving and decoding the next batch with storing one.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -16,7 +18,10 @@ use std::{
 
 use bakeoff_proto::{
     PROTOCOL_VERSION,
-    v1::{IngestAck, IngestRequest, ProbeHealth, ingest_request::Message, ingest_server::Ingest},
+    v1::{
+        IngestAck, IngestRequest, ProbeHealth, RequestEvent, ingest_request::Message,
+        ingest_server::Ingest,
+    },
 };
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::mpsc;
@@ -26,7 +31,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     live::Live,
     series::{MAX_DURATION_NS, SECOND_NS},
-    store::Store,
+    store::{Pending, Store, StoreError},
 };
 
 /// Most events one batch may carry.
@@ -93,34 +98,125 @@ fn storage_status<T>(
         .map_err(|e| Status::unavailable(format!("storage failed: {e}")))
 }
 
-/// A batch of a stream being stored.
+/// A batch of a stream on its way into the store.
 struct Storing {
     sequence: u64,
     events: u64,
     late: u64,
     latest: Option<u64>,
     started: std::time::Instant,
-    task: tokio::task::JoinHandle<Result<(), crate::store::StoreError>>,
 }
 
-/// The outcome of the batch being stored, if any (never ready otherwise).
-async fn stored(storing: &mut Option<Storing>) -> Result<(), Status> {
-    match storing {
-        Some(s) => storage_status((&mut s.task).await),
-        None => std::future::pending().await,
+/// A stream's batches between the probe and the store, in sequence order: at most one decoded
+/// batch waiting for its turn, one being handed to the store (`Store::submit` encodes it, and
+/// waits while the store's queue is full), and the ones handed over whose outcome is not known
+/// yet. The store commits those in the order they were handed over, so acks go out in order.
+struct Pipeline {
+    store: Arc<dyn Store>,
+    probe: String,
+    next: Option<(Storing, Vec<RequestEvent>)>,
+    submitting: Option<(
+        Storing,
+        tokio::task::JoinHandle<Result<Pending, StoreError>>,
+    )>,
+    waiting: VecDeque<(Storing, Pending)>,
+}
+
+impl Pipeline {
+    fn new(store: Arc<dyn Store>, probe: String) -> Self {
+        Self {
+            store,
+            probe,
+            next: None,
+            submitting: None,
+            waiting: VecDeque::new(),
+        }
+    }
+
+    /// Whether it takes another batch now (else the probe's next message waits).
+    fn has_room(&self) -> bool {
+        self.next.is_none()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.next.is_none() && self.submitting.is_none() && self.waiting.is_empty()
+    }
+
+    fn push(&mut self, batch: Storing, events: Vec<RequestEvent>) {
+        self.next = Some((batch, events));
+        self.hand_over();
+    }
+
+    /// Hands the next batch to the store, if none is being handed over.
+    fn hand_over(&mut self) {
+        if self.submitting.is_some() {
+            return;
+        }
+        let Some((batch, events)) = self.next.take() else {
+            return;
+        };
+        let (store, probe, sequence) = (self.store.clone(), self.probe.clone(), batch.sequence);
+        let task = tokio::task::spawn_blocking(move || store.submit(&probe, sequence, &events));
+        self.submitting = Some((batch, task));
+    }
+
+    /// Waits for the next batch whose outcome is known (oldest first, `Some`), or for a batch to
+    /// be handed over (`None`: there may be room for another now); never returns while the
+    /// pipeline is empty. Cancel-safe.
+    async fn step(&mut self) -> Option<(Storing, Result<(), Status>)> {
+        {
+            let Self {
+                submitting,
+                waiting,
+                ..
+            } = self;
+            tokio::select! {
+                biased;
+                outcome = async {
+                    match waiting.front_mut() {
+                        Some((_, pending)) => pending.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some((batch, _)) = waiting.pop_front() {
+                        return Some((batch, outcome.map_err(|e| Status::unavailable(format!("storage failed: {e}")))));
+                    }
+                }
+                handed = async {
+                    match submitting {
+                        Some((_, task)) => task.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some((batch, _)) = submitting.take() {
+                        // A batch that could not be handed over fails in its turn.
+                        let pending = match handed {
+                            Ok(Ok(pending)) => pending,
+                            Ok(Err(e)) => Pending::ready(Err(e)),
+                            Err(e) => Pending::ready(Err(StoreError::Invalid(format!("storage task failed: {e}")))),
+                        };
+                        waiting.push_back((batch, pending));
+                    }
+                }
+            }
+        }
+        self.hand_over();
+        None
+    }
+
+    /// Every batch in the pipeline with its outcome, in order.
+    async fn drain(&mut self) -> Vec<(Storing, Result<(), Status>)> {
+        let mut out = Vec::new();
+        while !self.is_empty() {
+            out.extend(self.step().await);
+        }
+        out
     }
 }
 
-/// Waits for the batch being stored, if any.
-async fn settle(storing: &mut Option<Storing>) -> Option<(Storing, Result<(), Status>)> {
-    let mut s = storing.take()?;
-    let outcome = storage_status((&mut s.task).await);
-    Some((s, outcome))
-}
-
-/// What a stream waits for: its batch being stored, or the probe's next message.
+/// What a stream waits for: a batch's outcome, or the probe's next message.
 enum Next {
-    Stored(Result<(), Status>),
+    Stored(Storing, Result<(), Status>),
     Message(Result<Option<IngestRequest>, Status>),
 }
 
@@ -180,9 +276,8 @@ impl Ingest for IngestService {
         let stats = self.stats.clone();
         let live = self.live.clone();
         tokio::spawn(async move {
-            // The batch being stored: one at a time, in sequence order, so a stored sequence
-            // always covers every batch before it.
-            let mut storing: Option<Storing> = None;
+            // The stream's batches in the store's hands, in sequence order.
+            let mut pipeline = Pipeline::new(store, probe.clone());
             // Highest sequence handed to the store (stored or being stored).
             let mut submitted = last;
             // Counts and acknowledges a stored batch; a failure ends the stream (the probe
@@ -211,16 +306,18 @@ impl Ingest for IngestService {
                     Err(status)
                 }
             };
-            let outcome = loop {
+            let outcome = 'stream: loop {
                 let next = tokio::select! {
                     // Acknowledge a stored batch before reading on.
                     biased;
-                    outcome = stored(&mut storing) => Next::Stored(outcome),
-                    msg = inbound.message() => Next::Message(msg),
+                    stored = pipeline.step() => match stored {
+                        Some((s, outcome)) => Next::Stored(s, outcome),
+                        None => continue,
+                    },
+                    msg = inbound.message(), if pipeline.has_room() => Next::Message(msg),
                 };
                 let msg = match next {
-                    Next::Stored(outcome) => {
-                        let Some(s) = storing.take() else { continue };
+                    Next::Stored(s, outcome) => {
                         if let Err(status) = finish(s, outcome, &mut last) {
                             break Err(status);
                         }
@@ -248,48 +345,40 @@ impl Ingest for IngestService {
                                 batch.events.len()
                             )));
                         } else {
-                            // In order: the previous batch is stored first.
-                            if let Some((s, outcome)) = settle(&mut storing).await
-                                && let Err(status) = finish(s, outcome, &mut last)
-                            {
-                                break Err(status);
-                            }
                             let closed = live.rollup.closed_before().saturating_mul(SECOND_NS);
-                            let late = batch
-                                .events
-                                .iter()
-                                .filter(|e| {
-                                    e.start_unix_ns.saturating_add(e.duration_ns) < closed
-                                        || e.duration_ns > MAX_DURATION_NS
-                                })
-                                .count() as u64;
-                            let latest = batch
-                                .events
-                                .iter()
-                                .map(|e| e.start_unix_ns.saturating_add(e.duration_ns))
-                                .max();
-                            let (store, p, seq) = (store.clone(), probe.clone(), batch.sequence);
-                            submitted = seq;
-                            storing = Some(Storing {
-                                sequence: seq,
-                                events: batch.events.len() as u64,
-                                late,
-                                latest,
-                                started: std::time::Instant::now(),
-                                task: tokio::task::spawn_blocking(move || {
-                                    store.append(&p, seq, &batch.events)
-                                }),
-                            });
+                            let mut late = 0;
+                            let mut latest = None;
+                            let mut earliest = u64::MAX;
+                            for e in &batch.events {
+                                let end = e.start_unix_ns.saturating_add(e.duration_ns);
+                                late += u64::from(end < closed || e.duration_ns > MAX_DURATION_NS);
+                                latest = latest.max(Some(end));
+                                earliest = earliest.min(end);
+                            }
+                            if latest.is_some() {
+                                live.receiving(&probe, earliest);
+                            }
+                            submitted = batch.sequence;
+                            pipeline.push(
+                                Storing {
+                                    sequence: batch.sequence,
+                                    events: batch.events.len() as u64,
+                                    late,
+                                    latest,
+                                    started: std::time::Instant::now(),
+                                },
+                                batch.events,
+                            );
                         }
                     }
                     Some(Message::Health(h)) => {
                         // Nothing queued: everything that ended before about now was sent, and
-                        // is stored once the batch being stored is.
+                        // is stored once the batches in the pipeline are.
                         if h.queued_batches == 0 && h.spool_bytes == 0 {
-                            if let Some((s, outcome)) = settle(&mut storing).await
-                                && let Err(status) = finish(s, outcome, &mut last)
-                            {
-                                break Err(status);
+                            for (s, outcome) in pipeline.drain().await {
+                                if let Err(status) = finish(s, outcome, &mut last) {
+                                    break 'stream Err(status);
+                                }
                             }
                             live.drained(&probe);
                         }
@@ -302,13 +391,15 @@ impl Ingest for IngestService {
                     }
                 }
             };
-            // The batch being stored still is; its ack (or failure) goes out before the end.
+            // The batches in the pipeline still are stored; their acks (or the first failure)
+            // go out before the end.
             let mut outcome = outcome;
-            if let Some((s, stored)) = settle(&mut storing).await
-                && let Err(status) = finish(s, stored, &mut last)
-                && outcome.is_ok()
-            {
-                outcome = Err(status);
+            for (s, stored) in pipeline.drain().await {
+                if let Err(status) = finish(s, stored, &mut last)
+                    && outcome.is_ok()
+                {
+                    outcome = Err(status);
+                }
             }
             if let Err(status) = outcome {
                 let _ = tx.send(Err(status)).await;

@@ -99,6 +99,19 @@ impl Live {
         }
     }
 
+    /// A probe's batch was received and is on its way into the store, its earliest request
+    /// ending at `earliest_end_ns`: a probe not seen before holds closing back from there until
+    /// its batches are stored (the store may commit them a second later), and a probe sending
+    /// is not idle even while its acks wait for a group commit.
+    pub fn receiving(&self, probe: &str, earliest_end_ns: u64) {
+        if let Ok(mut f) = self.frontiers.lock() {
+            let e = f
+                .entry(probe.to_string())
+                .or_insert((earliest_end_ns, Instant::now()));
+            e.1 = Instant::now();
+        }
+    }
+
     /// A probe reported nothing queued: it has sent every request that ended before about now.
     pub fn drained(&self, probe: &str) {
         let frontier = now_ns().saturating_sub(DRAINED_SLACK_NS);

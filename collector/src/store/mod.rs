@@ -23,6 +23,61 @@ pub enum StoreError {
     Query(#[from] QueryError),
     #[error("storage lock poisoned by an earlier panic")]
     Poisoned,
+    /// A batch the store cannot hold as it is (e.g. a status beyond INTEGER).
+    #[error("invalid batch: {0}")]
+    Invalid(String),
+    #[error("the storage writer stopped")]
+    WriterStopped,
+    /// A database file this version cannot use as it is.
+    #[error("{0}")]
+    Layout(String),
+}
+
+/// The outcome of a batch handed to `Store::submit`: a future that resolves once the batch and
+/// its sequence are durable (or failed).
+pub struct Pending(PendingInner);
+
+enum PendingInner {
+    Ready(Option<Result<(), StoreError>>),
+    Waiting(tokio::sync::oneshot::Receiver<Result<(), StoreError>>),
+}
+
+impl Pending {
+    pub fn ready(outcome: Result<(), StoreError>) -> Self {
+        Self(PendingInner::Ready(Some(outcome)))
+    }
+
+    pub(crate) fn waiting(rx: tokio::sync::oneshot::Receiver<Result<(), StoreError>>) -> Self {
+        Self(PendingInner::Waiting(rx))
+    }
+
+    /// Blocks until the outcome is known; not from an async context.
+    pub fn wait(self) -> Result<(), StoreError> {
+        match self.0 {
+            PendingInner::Ready(r) => r.unwrap_or(Err(StoreError::WriterStopped)),
+            PendingInner::Waiting(rx) => {
+                rx.blocking_recv().unwrap_or(Err(StoreError::WriterStopped))
+            }
+        }
+    }
+}
+
+impl std::future::Future for Pending {
+    type Output = Result<(), StoreError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut self.0 {
+            PendingInner::Ready(r) => {
+                std::task::Poll::Ready(r.take().unwrap_or(Err(StoreError::WriterStopped)))
+            }
+            PendingInner::Waiting(rx) => std::pin::Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(StoreError::WriterStopped))),
+        }
+    }
 }
 
 /// Columns returned for raw events, in this order, by every backend.
@@ -72,6 +127,20 @@ pub trait Store: Send + Sync + 'static {
         sequence: u64,
         events: &[RequestEvent],
     ) -> Result<(), StoreError>;
+    /// Hands a batch to the store without waiting for it to be durable; the returned `Pending`
+    /// resolves when it is (same guarantee as `append`). Batches of one probe submitted one after
+    /// the other are stored in that order, and once one fails, the later ones of its probe fail
+    /// too until one at or below the failed sequence (a resend) comes: a stored sequence always
+    /// covers every batch before it. Blocking (encodes the batch, and waits while the store's
+    /// queue is full). By default the batch is stored before this returns.
+    fn submit(
+        &self,
+        probe_id: &str,
+        sequence: u64,
+        events: &[RequestEvent],
+    ) -> Result<Pending, StoreError> {
+        Ok(Pending::ready(self.append(probe_id, sequence, events)))
+    }
     /// Raw events matching `filter`, newest first.
     fn events(&self, filter: &Filter, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
     /// Group-by `by` with counts, errors and latency quantiles, largest groups first.
