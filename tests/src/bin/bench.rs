@@ -123,6 +123,9 @@ struct Args {
     /// Events ingested by the collector benchmark (the group-by runs over all of them).
     #[arg(long, default_value_t = 10_000_000)]
     events: u64,
+    /// Stores the collector benchmark ingests into, comma-separated: duckdb, clickhouse.
+    #[arg(long, default_value = "duckdb,clickhouse", value_delimiter = ',')]
+    stores: Vec<String>,
 }
 
 fn main() -> Result<()> {
@@ -133,7 +136,7 @@ fn main() -> Result<()> {
             args.rounds,
             args.requests,
         ),
-        "collector" => collector(args.events),
+        "collector" => collector(args.events, &args.stores),
         other => bail!("unknown benchmark `{other}` (available: probe, collector)"),
     }
 }
@@ -877,31 +880,38 @@ const SPACING_NS: u64 = 1_440_000;
 
 /// Ingest rate from concurrent probe streams, then a group-by with quantiles over everything,
 /// into DuckDB and into ClickHouse (a real server started here), side by side.
-fn collector(total: u64) -> Result<()> {
+fn collector(total: u64, stores: &[String]) -> Result<()> {
     let dir = PathBuf::from("/tmp/bakeoff-bench-collector");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let duck = {
-        let collector = bakeoff_testkit::collector::Collector::start(&dir)?;
-        collector_run(&collector, None, total)?
-    };
-    let click = {
-        let server = bakeoff_testkit::clickhouse::ClickHouse::start(&dir)?;
-        let collector = bakeoff_testkit::collector::Collector::start_with(
-            &dir,
-            bakeoff_testkit::process::free_port(),
-            bakeoff_testkit::process::free_port(),
-            &["--clickhouse".into(), server.url()],
-        )?;
-        collector_run(&collector, Some(server.guard.pid()), total)?
-    };
+    let mut runs = Vec::new();
+    for store in stores {
+        let run = match store.as_str() {
+            "duckdb" => {
+                let collector = bakeoff_testkit::collector::Collector::start(&dir)?;
+                collector_run(&collector, None, total)?
+            }
+            "clickhouse" => {
+                let server = bakeoff_testkit::clickhouse::ClickHouse::start(&dir)?;
+                let collector = bakeoff_testkit::collector::Collector::start_with(
+                    &dir,
+                    bakeoff_testkit::process::free_port(),
+                    bakeoff_testkit::process::free_port(),
+                    &["--clickhouse".into(), server.url()],
+                )?;
+                collector_run(&collector, Some(server.guard.pid()), total)?
+            }
+            other => bail!("unknown store `{other}` (available: duckdb, clickhouse)"),
+        };
+        runs.push((store.as_str(), run));
+    }
     println!(
         "\nbakeoff collector benchmark ({cores} cores shared by load generator, collector and store; \
          {STREAMS} concurrent probe streams, batches of {BATCH})\n"
     );
     println!(
-        "{:<12} {:>10} {:>9} {:>11} {:>15} {:>8} {:>12} {:>11} {:>7} {:>14} {:>16} {:>12}",
+        "{:<12} {:>10} {:>9} {:>11} {:>15} {:>8} {:>12} {:>11} {:>7} {:>14} {:>16} {:>12} {:>6}",
         "store",
         "events",
         "ingest_s",
@@ -913,11 +923,12 @@ fn collector(total: u64) -> Result<()> {
         "groups",
         "verdict_read_s",
         "during_ingest_s",
-        "judged_events"
+        "judged_events",
+        "late"
     );
-    for (name, r) in [("duckdb", duck), ("clickhouse", click)] {
+    for (name, r) in runs {
         println!(
-            "{:<12} {:>10} {:>9.1} {:>11.0} {:>15.0} {:>8.1} {:>12.0} {:>11.2} {:>7} {:>14.3} {:>16} {:>12}",
+            "{:<12} {:>10} {:>9.1} {:>11.0} {:>15.0} {:>8.1} {:>12.0} {:>11.2} {:>7} {:>14.3} {:>16} {:>12} {:>6}",
             name,
             r.events,
             r.ingest_s,
@@ -929,7 +940,8 @@ fn collector(total: u64) -> Result<()> {
             r.groups,
             r.verdict_s,
             format!("{:.3}/{:.3}", r.during_median_s, r.during_max_s),
-            r.judged
+            r.judged,
+            r.late
         );
     }
     println!(
@@ -939,7 +951,8 @@ fn collector(total: u64) -> Result<()> {
          group_by_s: GET /api/v1/groups?by=cohort,path (count, errors, p50/p90/p99) over all events.\n\
          verdict_read_s: GET /api/v1/verdict once the judge covers every event (median of 5), over\n\
          judged_events spread over an hour (50 endpoints, 10% canary); during_ingest_s: median/max\n\
-         of verdict reads every 250 ms while ingesting (ingest_s includes them)."
+         of verdict reads every 250 ms while ingesting (ingest_s includes them). late: events stored\n\
+         after the judge had read their second (left out of the verdict)."
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -955,6 +968,7 @@ struct CollectorRun {
     during_median_s: f64,
     during_max_s: f64,
     judged: u64,
+    late: u64,
 }
 
 fn median_max(mut v: Vec<f64>) -> (f64, f64) {
@@ -1087,6 +1101,10 @@ fn collector_run(
         reads.push(t.elapsed().as_secs_f64());
     }
     let (verdict_s, _) = median_max(reads);
+    // Stored after the judge had read their second: left out of the verdict.
+    let late = collector.get("/api/v1/ingest")?["events_late"]
+        .as_u64()
+        .unwrap_or(0);
     let t = Instant::now();
     let groups = collector.get("/api/v1/groups?by=cohort,path")?;
     let group_s = t.elapsed().as_secs_f64();
@@ -1105,5 +1123,6 @@ fn collector_run(
         during_median_s,
         during_max_s,
         judged,
+        late,
     })
 }
