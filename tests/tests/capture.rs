@@ -240,6 +240,30 @@ fn a_recorded_cohort_is_complete_and_redacted() -> Result<()> {
                 ensure!(!text.contains(s), "{what}: the capture holds {s}: {text}");
             }
         }
+        // Replayed against the same nginx: every recorded request answered as it was.
+        let replayed = bakeoff_replay::replay(
+            bakeoff_replay::sessions(
+                CaptureReader::new(std::fs::File::open(&file)?)?.collect::<Result<Vec<_>, _>>()?,
+            )
+            .into_iter()
+            // The plain-HTTP port's sessions (the HTTPS ones need TLS to be replayed).
+            .filter(|s| s.requests.iter().all(|r| r.path.starts_with("/r/http-")))
+            .collect(),
+            &bakeoff_replay::ReplayOptions {
+                target: format!("127.0.0.1:{port}").parse()?,
+                concurrency: 2,
+                allow_writes: true,
+                timeout: Duration::from_secs(10),
+            },
+        );
+        ensure!(
+            replayed.outcomes.len() == 2
+                && replayed
+                    .outcomes
+                    .iter()
+                    .all(|o| o.status == Some(200) && o.body_bytes == 12 && o.error.is_none()),
+            "{what}: replay: {replayed:?}"
+        );
         ensure!(
             result.counter(&["recording", "bytes_lost"]) == 0
                 && result.counter(&["recording", "connections"]) == 4

@@ -1,0 +1,268 @@
+//! Sending sessions to a target over HTTP/1 and measuring what comes back.
+
+use std::{
+    collections::VecDeque,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use crate::session::{Session, chunked_len, framing};
+
+/// Methods that change state: not replayed unless writes are allowed.
+pub const WRITE_METHODS: [&str; 4] = ["POST", "PUT", "PATCH", "DELETE"];
+
+/// Largest response head or body a replay reads.
+const MAX_RESPONSE: usize = 64 * 1024 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct ReplayOptions {
+    /// The only address contacted.
+    pub target: SocketAddr,
+    /// Sessions replayed at once.
+    pub concurrency: usize,
+    pub allow_writes: bool,
+    /// Connect, read and write timeout (a request that exceeds it is an error outcome).
+    pub timeout: Duration,
+}
+
+/// What one replayed request got.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Outcome {
+    /// The captured connection the request came from, and its position in it.
+    pub session: u64,
+    pub index: usize,
+    pub method: String,
+    pub path: String,
+    pub status: Option<u16>,
+    /// From the request's first byte written to the response's last byte read.
+    pub latency_ns: u64,
+    /// CRC-32 of the response body (de-chunked).
+    pub body_hash: u32,
+    pub body_bytes: u64,
+    pub error: Option<String>,
+}
+
+/// A replay's results.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Replayed {
+    pub outcomes: Vec<Outcome>,
+    pub sessions: usize,
+    /// Requests not sent because they would change state (`allow_writes` off).
+    pub skipped_writes: u64,
+    /// Captured bytes no request could be framed from (lost pieces, other protocols).
+    pub unframed_bytes: u64,
+}
+
+/// Replays `sessions` against `options.target`.
+pub fn replay(sessions: Vec<Session>, options: &ReplayOptions) -> Replayed {
+    let count = sessions.len();
+    let unframed = sessions.iter().map(|s| s.unframed_bytes).sum();
+    let queue = Mutex::new(sessions.into_iter().collect::<VecDeque<_>>());
+    let results = Mutex::new((Vec::new(), 0u64));
+    std::thread::scope(|scope| {
+        for _ in 0..options.concurrency.max(1) {
+            scope.spawn(|| {
+                loop {
+                    let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+                    let Some(session) = next else { break };
+                    let (outcomes, skipped) = run_session(&session, options);
+                    if let Ok(mut r) = results.lock() {
+                        r.0.extend(outcomes);
+                        r.1 += skipped;
+                    }
+                }
+            });
+        }
+    });
+    let (mut outcomes, skipped_writes) = results.into_inner().unwrap_or_default();
+    outcomes.sort_by_key(|o| (o.session, o.index));
+    Replayed {
+        outcomes,
+        sessions: count,
+        skipped_writes,
+        unframed_bytes: unframed,
+    }
+}
+
+fn connect(options: &ReplayOptions) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&options.target, options.timeout)?;
+    s.set_read_timeout(Some(options.timeout))?;
+    s.set_write_timeout(Some(options.timeout))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// One session, in order, on one connection (a new one after a close or an error).
+fn run_session(session: &Session, options: &ReplayOptions) -> (Vec<Outcome>, u64) {
+    let mut out = Vec::new();
+    let mut skipped = 0;
+    let mut conn: Option<TcpStream> = None;
+    for (index, req) in session.requests.iter().enumerate() {
+        if !options.allow_writes && WRITE_METHODS.contains(&req.method.as_str()) {
+            skipped += 1;
+            continue;
+        }
+        let mut outcome = Outcome {
+            session: session.conn,
+            index,
+            method: req.method.clone(),
+            path: req.path.clone(),
+            status: None,
+            latency_ns: 0,
+            body_hash: 0,
+            body_bytes: 0,
+            error: None,
+        };
+        let stream = match conn.take().map_or_else(|| connect(options), Ok) {
+            Ok(s) => s,
+            Err(e) => {
+                outcome.error = Some(format!("connect: {e}"));
+                out.push(outcome);
+                continue;
+            }
+        };
+        let started = Instant::now();
+        match exchange(stream, &req.bytes, req.method == "HEAD") {
+            Ok((response, keep)) => {
+                outcome.latency_ns = started.elapsed().as_nanos() as u64;
+                outcome.status = Some(response.status);
+                outcome.body_hash = crc32fast::hash(&response.body);
+                outcome.body_bytes = response.body.len() as u64;
+                conn = keep;
+            }
+            Err(e) => {
+                outcome.latency_ns = started.elapsed().as_nanos() as u64;
+                outcome.error = Some(e);
+            }
+        }
+        out.push(outcome);
+    }
+    (out, skipped)
+}
+
+struct Response {
+    status: u16,
+    body: Vec<u8>,
+}
+
+/// Sends one request and reads its response; returns the connection if it stays open.
+fn exchange(
+    mut stream: TcpStream,
+    request: &[u8],
+    head_only: bool,
+) -> Result<(Response, Option<TcpStream>), String> {
+    stream
+        .write_all(request)
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        // Head.
+        let mut headers = [httparse::EMPTY_HEADER; 96];
+        let mut resp = httparse::Response::new(&mut headers);
+        let parsed = resp.parse(&buf).map_err(|e| format!("bad response: {e}"))?;
+        if let httparse::Status::Complete(head) = parsed {
+            let status = resp.code.unwrap_or(0);
+            if (100..200).contains(&status) && status != 101 {
+                // Interim: the final response follows.
+                buf.drain(..head);
+                continue;
+            }
+            let (length, chunked) = framing(resp.headers);
+            let close = resp.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("connection")
+                    && String::from_utf8_lossy(h.value)
+                        .to_ascii_lowercase()
+                        .contains("close")
+            });
+            let no_body = head_only || status == 204 || status == 304;
+            let body = read_body(
+                &mut stream,
+                &mut buf,
+                head,
+                length,
+                chunked,
+                no_body,
+                &mut chunk,
+            )?;
+            let keep = (!close && (no_body || length.is_some() || chunked)).then_some(stream);
+            return Ok((Response { status, body }, keep));
+        }
+        if buf.len() > MAX_RESPONSE {
+            return Err("response head too large".into());
+        }
+        let n = stream.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("connection closed before a response".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read_body(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    head: usize,
+    length: Option<usize>,
+    chunked: bool,
+    no_body: bool,
+    chunk: &mut [u8],
+) -> Result<Vec<u8>, String> {
+    if no_body {
+        return Ok(Vec::new());
+    }
+    loop {
+        let have = &buf[head..];
+        if chunked {
+            if let Some(n) = chunked_len(have) {
+                return Ok(dechunk(&have[..n]));
+            }
+        } else if let Some(len) = length
+            && have.len() >= len
+        {
+            return Ok(have[..len].to_vec());
+        }
+        if buf.len() > MAX_RESPONSE {
+            return Err("response too large".into());
+        }
+        let n = stream.read(chunk).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            if length.is_none() && !chunked {
+                // Delimited by the close.
+                return Ok(buf[head..].to_vec());
+            }
+            return Err("connection closed inside a response".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The data of a complete chunked body.
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(line) = b.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&b[..line])
+            .ok()
+            .and_then(|t| usize::from_str_radix(t.split(';').next()?.trim(), 16).ok())
+            .unwrap_or(0);
+        if size == 0 || line + 2 + size > b.len() {
+            break;
+        }
+        out.extend_from_slice(&b[line + 2..line + 2 + size]);
+        b = &b[(line + 4 + size).min(b.len())..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dechunks() {
+        assert_eq!(dechunk(b"3\r\nabc\r\n2;x=1\r\nde\r\n0\r\n\r\n"), b"abcde");
+    }
+}

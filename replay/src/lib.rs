@@ -1,0 +1,24 @@
+//! Replaying a capture: its recorded HTTP/1 sessions (one per captured connection) sent again to
+//! a target, each on a connection of its own, requests in their recorded order; sessions run
+//! concurrently up to a limit, each as fast as its responses allow. Every response is read
+//! completely and measured: status, latency (last request byte written to last response byte
+//! read), and a hash of the body after the headers the user declares noisy are left out.
+//!
+//! Safety valves: only the given target is ever contacted; requests with methods that change
+//! state (`POST`, `PUT`, `PATCH`, `DELETE`) are skipped and counted unless writes are allowed;
+//! every read and write has a timeout.
+
+pub mod http;
+pub mod session;
+
+pub use http::{Outcome, ReplayOptions, Replayed, replay};
+pub use session::{Request, Session, sessions};
+
+/// Why a replay could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("capture: {0}")]
+    Capture(#[from] bakeoff_capture::CaptureError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
