@@ -91,7 +91,7 @@ pub fn detect_midstream_request(first: &[u8]) -> Option<Detected> {
     }
     let len = u32::from_be_bytes([0, first[0], first[1], first[2]]) as usize;
     let stream = u32::from_be_bytes([first[5], first[6], first[7], first[8]]) & 0x7fff_ffff;
-    if stream % 2 == 0 || len > 16_384 {
+    if stream.is_multiple_of(2) || len > 16_384 {
         return None;
     }
     let flags = first[4];
