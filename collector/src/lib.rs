@@ -10,6 +10,7 @@ pub mod ingest;
 pub mod live;
 pub mod metrics;
 pub mod query;
+pub mod replay;
 pub mod report;
 pub mod series;
 pub mod stats;

@@ -113,6 +113,39 @@ enum Cmd {
         #[command(flatten)]
         judge: JudgeArgs,
     },
+    /// Replay a capture's HTTP sessions against a target and, with --against, a second one;
+    /// compare latency per endpoint and responses request by request. Exit 1 when B is slower
+    /// or answers differently (noise left out with --calibrate).
+    Replay {
+        /// The capture file (`bakeoff-probe --capture-file`).
+        file: PathBuf,
+        /// A: the address replayed first (the old version). Nothing else is contacted.
+        #[arg(long)]
+        target: SocketAddr,
+        /// B: the new version, compared with A.
+        #[arg(long)]
+        against: Option<SocketAddr>,
+        /// A2: a second instance of A's version; differences between A and A2 are noise.
+        #[arg(long)]
+        calibrate: Option<SocketAddr>,
+        /// Sessions replayed at once (each keeps its requests in order).
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Also replay requests that change state (POST, PUT, PATCH, DELETE).
+        #[arg(long)]
+        allow_writes: bool,
+        /// Per request (connect, write, read).
+        #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+        timeout: std::time::Duration,
+        /// Latency differences within this share are not reported.
+        #[arg(long, default_value_t = 0.05)]
+        tolerance: f64,
+        #[arg(long, default_value_t = 0.05)]
+        alpha: f64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Query events: raw (newest first) or grouped, as a table or JSON.
     Events {
         /// The collector's HTTP API.
@@ -130,6 +163,107 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `10s`, `500ms`, or seconds.
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (n, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: f64 = n.parse().map_err(|_| format!("bad duration `{s}`"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("bad duration unit in `{s}` (ms, s, m)")),
+    };
+    std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
+}
+
+/// The addresses of a replay.
+struct ReplayTargets {
+    a: SocketAddr,
+    b: Option<SocketAddr>,
+    a2: Option<SocketAddr>,
+}
+
+/// `bakeoff replay`: reads the capture (up to any damage, said), replays, compares.
+fn replay(
+    file: &std::path::Path,
+    targets: ReplayTargets,
+    options: bakeoff_replay::ReplayOptions,
+    tolerance: f64,
+    alpha: f64,
+    json: bool,
+) -> Result<()> {
+    let reader = bakeoff_capture::CaptureReader::new(
+        std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
+    )
+    .with_context(|| format!("cannot read capture {}", file.display()))?;
+    let meta = reader.meta().clone();
+    let mut records = Vec::new();
+    for r in reader {
+        match r {
+            Ok(r) => records.push(r),
+            Err(e) => {
+                eprintln!("warning: {e}; replaying what was read before it");
+                break;
+            }
+        }
+    }
+    let sessions = bakeoff_replay::sessions(records);
+    let run = |addr: SocketAddr| {
+        bakeoff_replay::replay(
+            sessions.clone(),
+            &bakeoff_replay::ReplayOptions {
+                target: addr,
+                ..options.clone()
+            },
+        )
+    };
+    let a = run(targets.a);
+    let b = targets.b.map(run);
+    let a2 = targets.a2.map(run);
+    let comparison = b
+        .as_ref()
+        .map(|b| bakeoff_collector::replay::compare(&a, b, a2.as_ref(), alpha, tolerance));
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "capture": { "experiment": meta.experiment, "cohort": meta.cohort,
+                             "redaction": meta.redaction },
+                "sessions": a.sessions,
+                "requests": a.outcomes.len(),
+                "skipped_writes": a.skipped_writes,
+                "unframed_bytes": a.unframed_bytes,
+                "errors": a.outcomes.iter().filter(|o| o.error.is_some()).count(),
+                "comparison": comparison,
+                "outcomes": if comparison.is_none() { Some(&a.outcomes) } else { None },
+            })
+        );
+    } else {
+        println!(
+            "{} sessions, {} requests replayed against {} ({} writes skipped, {} failed, {} bytes unframed)",
+            a.sessions,
+            a.outcomes.len(),
+            targets.a,
+            a.skipped_writes,
+            a.outcomes.iter().filter(|o| o.error.is_some()).count(),
+            a.unframed_bytes
+        );
+        if let (Some(c), Some(b)) = (&comparison, targets.b) {
+            print!(
+                "{}",
+                bakeoff_collector::replay::table(c, &targets.a.to_string(), &b.to_string())
+            );
+        }
+    }
+    if comparison.as_ref().is_some_and(|c| c.regressed()) {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn main() {
@@ -228,6 +362,34 @@ fn main() {
             api,
             judge,
         } => report(&api, &experiment, &baseline, &canary, &judge, &output),
+        Cmd::Replay {
+            file,
+            target,
+            against,
+            calibrate,
+            concurrency,
+            allow_writes,
+            timeout,
+            tolerance,
+            alpha,
+            json,
+        } => replay(
+            &file,
+            ReplayTargets {
+                a: target,
+                b: against,
+                a2: calibrate,
+            },
+            bakeoff_replay::ReplayOptions {
+                target,
+                concurrency,
+                allow_writes,
+                timeout,
+            },
+            tolerance,
+            alpha,
+            json,
+        ),
         Cmd::Events {
             api,
             filters,

@@ -140,3 +140,84 @@ fn captured_sessions_replay_in_order_with_writes_refused_unless_allowed() -> Res
     );
     Ok(())
 }
+
+/// `bakeoff replay FILE --target A --against B`: B (the test server with 30 ms more on
+/// `/bytes/`) is slower on that endpoint only, exit 1; the same server against itself passes.
+#[test]
+fn bakeoff_replay_names_the_slower_endpoint() -> Result<()> {
+    let dir = bakeoff_testkit::process::scratch_dir("replay-cli")?;
+    let file = dir.join("capture.bkcap");
+    let mut w = bakeoff_capture::CaptureWriter::new(
+        std::fs::File::create(&file)?,
+        &bakeoff_capture::Meta {
+            cohort: "canary".into(),
+            ..Default::default()
+        },
+    )?;
+    // 60 sessions of 5 requests each: enough for the median bounds to separate.
+    for conn in 0..60u64 {
+        w.write(&open(conn))?;
+        for i in 0..5 {
+            let path = if i % 2 == 0 {
+                "/bytes/100"
+            } else {
+                "/status/200"
+            };
+            w.write(&Record::data(conn, Direction::Ingress, 10, get(path)))?;
+        }
+    }
+    w.finish()?;
+    let server = |extra: &[&str]| -> Result<(Guard, u16)> {
+        let port = free_port();
+        let g = Guard::spawn(
+            "test server",
+            std::process::Command::new(bin("bakeoff-testserver")?)
+                .args(["--port", &port.to_string()])
+                .args(extra),
+        )?;
+        wait_for_port(port, Duration::from_secs(10))?;
+        Ok((g, port))
+    };
+    let (_a, a) = server(&[])?;
+    let (_b, b) = server(&["--slow-path", "/bytes/", "--slow-ms", "30"])?;
+    let run = |against: u16| -> Result<(i32, serde_json::Value)> {
+        let out = std::process::Command::new(bin("bakeoff")?)
+            .arg("replay")
+            .arg(&file)
+            .args(["--target", &format!("127.0.0.1:{a}")])
+            .args(["--against", &format!("127.0.0.1:{against}")])
+            .args(["--calibrate", &format!("127.0.0.1:{a}")])
+            .args(["--concurrency", "4", "--json"])
+            .output()?;
+        let json = serde_json::from_slice(&out.stdout)
+            .map_err(|e| anyhow::anyhow!("{e}: {}", String::from_utf8_lossy(&out.stderr)))?;
+        Ok((out.status.code().unwrap_or(-1), json))
+    };
+    let (code, json) = run(b)?;
+    let endpoints = json["comparison"]["endpoints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let latency = |name: &str| {
+        endpoints
+            .iter()
+            .find(|e| e["endpoint"] == name)
+            .map(|e| e["latency"].as_str().unwrap_or_default().to_string())
+    };
+    ensure!(
+        code == 1
+            && latency("GET /bytes/100").as_deref() == Some("slower")
+            && latency("GET /status/200").as_deref() == Some("no difference shown")
+            && json["requests"] == 300,
+        "exit {code}: {json}"
+    );
+    ensure!(
+        endpoints
+            .iter()
+            .all(|e| e["status_diffs"] == 0 && e["body_diffs"] == 0),
+        "{json}"
+    );
+    let (code, json) = run(a)?;
+    ensure!(code == 0, "A against itself: exit {code}: {json}");
+    Ok(())
+}
