@@ -161,6 +161,11 @@ struct StreamDecoder {
     encrypted: bool,
     /// Decoding the plaintext the TLS uprobes report; the wire's bytes are ignored.
     plaintext: bool,
+    /// Bytes on the wire per direction (ingress, egress), and the first and last piece's
+    /// time: a connection no decoder understood is still reported, as one connection event.
+    wire: [u64; 2],
+    first_ts: u64,
+    last_ts: u64,
 }
 
 /// One tracked connection.
@@ -210,6 +215,9 @@ pub struct ConnStats {
     pub requests_lost_estimate: u64,
     /// Requests pending on connections that sampling (the CPU budget) cut off.
     pub requests_sampled_out: u64,
+    /// Connections no decoder understood (unknown protocol, TLS without plaintext), reported
+    /// as one `tcp` or `tls` event each at close.
+    pub connection_events: u64,
     /// TLS connections decoded from the plaintext the uprobes report.
     pub tls_connections: u64,
     /// TLS connections closed without any plaintext seen (a TLS library without uprobes:
@@ -313,7 +321,39 @@ impl StreamDecoder {
             exchanges: 0,
             encrypted: false,
             plaintext: false,
+            wire: [0; 2],
+            first_ts: 0,
+            last_ts: 0,
         }
+    }
+
+    /// The connection as one event, when no decoder understood it (an unknown protocol, or TLS
+    /// whose plaintext was not seen): bytes both ways, first to last byte, `tcp` or `tls`.
+    fn connection_call(&self, role: Role) -> Option<Call> {
+        let decoded = matches!(self.proto, Proto::Decoding(_)) || self.plaintext;
+        if decoded || self.wire == [0, 0] {
+            return None;
+        }
+        let (request, response) = match role {
+            Role::Server => (self.wire[0], self.wire[1]),
+            Role::Client => (self.wire[1], self.wire[0]),
+        };
+        Some(Call {
+            protocol: if self.encrypted { "tls" } else { "tcp" },
+            method: String::new(),
+            path: String::new(),
+            status: None,
+            grpc_status: None,
+            error: None,
+            start_ts: self.first_ts,
+            end_ts: self.last_ts,
+            request_bytes: request,
+            response_bytes: response,
+            request_id: None,
+            traceparent: None,
+            user_agent: None,
+            attributes: Vec::new(),
+        })
     }
 
     /// One piece of the bytes on the wire in `dir`. A TLS connection's are ciphertext: they
@@ -326,6 +366,16 @@ impl StreamDecoder {
         stats: &mut ConnStats,
         done: &mut Vec<Call>,
     ) {
+        match piece {
+            Piece::Data { ts, len, .. } => {
+                self.wire[dir.index()] += len;
+                if self.first_ts == 0 {
+                    self.first_ts = ts;
+                }
+                self.last_ts = ts;
+            }
+            Piece::Gap { bytes } => self.wire[dir.index()] += bytes.unwrap_or(0),
+        }
         if self.plaintext || self.encrypted {
             return;
         }
@@ -978,6 +1028,12 @@ impl ConnTable {
             Self::drain_tap(&mut self.tapped, key, meta);
             self.tapped.push(TapEvent::Close { key });
         }
+        // Role unknown (no request ever recognised): the process is taken as the server.
+        if let Some(call) = decoder.connection_call(meta.role.unwrap_or(Role::Server)) {
+            self.stats.connection_events += 1;
+            meta.role.get_or_insert(Role::Server);
+            exchanges.push(call);
+        }
         let Proto::Decoding(dec) = &mut decoder.proto else {
             Conn::labelled(meta, exchanges, done);
             return Vec::new();
@@ -1044,4 +1100,98 @@ fn add_reassembly(total: &mut ReassemblyStats, r: &ReassemblyStats) {
     total.gaps += r.gaps;
     total.gap_bytes += r.gap_bytes;
     total.buffer_overflows += r.buffer_overflows;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table_with(key: ConnKey) -> ConnTable {
+        let mut t = ConnTable::default();
+        let mut done = Vec::new();
+        t.open(key, 7, Some(Role::Server), 1, None, false, &mut done);
+        t
+    }
+
+    #[test]
+    fn an_unknown_protocol_is_one_connection_event() {
+        let key = ConnKey::Fd { tgid: 7, fd: 3 };
+        let mut t = table_with(key);
+        let mut done = Vec::new();
+        t.data(
+            key,
+            100,
+            Direction::Ingress,
+            1,
+            b"SSH-2.0-OpenSSH_9.2\r\n",
+            21,
+            &mut done,
+        );
+        t.data(
+            key,
+            150,
+            Direction::Egress,
+            2,
+            b"SSH-2.0-x\r\n",
+            11,
+            &mut done,
+        );
+        t.data(key, 180, Direction::Ingress, 3, b"\0\0\x01", 300, &mut done);
+        assert!(done.is_empty());
+        let left = t.close(key, false, &mut done);
+        assert!(left.is_empty());
+        assert_eq!(done.len(), 1);
+        let c = &done[0].call;
+        assert_eq!(c.protocol, "tcp");
+        assert_eq!((c.request_bytes, c.response_bytes), (321, 11));
+        assert_eq!((c.start_ts, c.end_ts), (100, 180));
+        assert_eq!(t.stats().connection_events, 1);
+    }
+
+    #[test]
+    fn tls_without_plaintext_is_a_tls_connection_event_and_decoded_ones_are_not() {
+        let key = ConnKey::Fd { tgid: 7, fd: 4 };
+        let mut t = table_with(key);
+        let mut done = Vec::new();
+        t.data(
+            key,
+            100,
+            Direction::Ingress,
+            1,
+            &[22, 3, 1, 0, 5],
+            517,
+            &mut done,
+        );
+        t.close(key, false, &mut done);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].call.protocol, "tls");
+        assert_eq!(t.stats().tls_undecoded, 1);
+        // An HTTP connection gives its requests, never a connection event.
+        let key = ConnKey::Fd { tgid: 7, fd: 5 };
+        let mut t = table_with(key);
+        let mut done = Vec::new();
+        let req = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        t.data(
+            key,
+            1,
+            Direction::Ingress,
+            1,
+            req,
+            req.len() as u64,
+            &mut done,
+        );
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        t.data(
+            key,
+            2,
+            Direction::Egress,
+            2,
+            resp,
+            resp.len() as u64,
+            &mut done,
+        );
+        t.close(key, false, &mut done);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].call.protocol, "http1");
+    }
 }
