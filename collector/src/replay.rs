@@ -47,9 +47,21 @@ impl Comparison {
     }
 }
 
+/// `METHOD /route`: the query string left out, and path segments that are identifiers
+/// (numbers, UUIDs, long hex) replaced by `:id`, so `/item/17` and `/item/18` are one endpoint
+/// with enough requests to compare.
 fn endpoint(o: &Outcome) -> String {
     let path = o.path.split('?').next().unwrap_or_default();
-    format!("{} {path}", o.method)
+    let route: Vec<&str> = path
+        .split('/')
+        .map(|seg| {
+            let id = !seg.is_empty()
+                && (seg.bytes().all(|b| b.is_ascii_digit())
+                    || (seg.len() >= 8 && seg.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')));
+            if id { ":id" } else { seg }
+        })
+        .collect();
+    format!("{} {}", o.method, route.join("/"))
 }
 
 fn key(o: &Outcome) -> (u64, usize) {
@@ -255,5 +267,9 @@ mod tests {
         let same = compare(&a, &a, None, 0.05, 0.1);
         assert!(!same.regressed());
         assert!(table(&c, "a", "b").contains("GET /slow"));
+        let mut o = outcome(1, 0, "/item/17/part/9f86d081884c7d65?x=1", 1, 0);
+        assert_eq!(endpoint(&o), "GET /item/:id/part/:id");
+        o.path = "/v2/items".into();
+        assert_eq!(endpoint(&o), "GET /v2/items");
     }
 }

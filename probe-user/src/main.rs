@@ -149,6 +149,11 @@ impl Cli {
         }
         if let Some(v) = self.payload_prefix {
             config.payload_prefix = v;
+        } else if self.capture_cohort.is_some()
+            && config.payload_prefix == probe_common::DEFAULT_PREFIX
+        {
+            // A capture wants whole payloads: the largest prefix unless one was chosen.
+            config.payload_prefix = probe_common::MAX_PREFIX as u32;
         }
         if let Some(v) = self.ring_buffer_bytes {
             config.ring_buffer_bytes = v;
