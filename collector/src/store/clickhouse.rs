@@ -12,8 +12,8 @@ use std::{fmt::Write as _, time::Duration};
 use bakeoff_proto::v1::RequestEvent;
 
 use super::{
-    ERROR_SQL, EVENT_COLUMNS, SAMPLE_COLUMNS, SampleRow, Store, StoreError, StoredEvent,
-    UNANSWERED_SQL, opt,
+    CONNECTION_PROTOCOLS_SQL, ERROR_SQL, EVENT_COLUMNS, SAMPLE_COLUMNS, SampleRow, Store,
+    StoreError, StoredEvent, UNANSWERED_SQL, opt,
 };
 use crate::query::{Filter, GroupRow, clickhouse_quote, group_fields};
 use crate::series::{CellRow, MAX_DURATION_NS, NO_LATENCY};
@@ -329,7 +329,7 @@ impl Store for ClickHouseStore {
              countIf({UNANSWERED_SQL}) AS unanswered \
              FROM {} WHERE start_unix_ns >= {start_from} AND start_unix_ns < {to_ns} \
              AND start_unix_ns + duration_ns >= {from_ns} AND start_unix_ns + duration_ns < {to_ns} \
-             AND duration_ns <= {MAX_DURATION_NS} \
+             AND duration_ns <= {MAX_DURATION_NS} AND protocol NOT IN {CONNECTION_PROTOCOLS_SQL} \
              GROUP BY experiment, cohort, method, ep, second, bucket FORMAT JSONEachRow",
             self.table
         );

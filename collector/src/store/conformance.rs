@@ -123,10 +123,19 @@ pub fn check(s: &dyn Store) {
     let order: Vec<u64> = recent.iter().map(|r| r.start_unix_ns).collect();
     assert_eq!(order, [1040, 1050]);
 
+    // A connection no decoder understood (started at 1005 ns): stored, never judged.
+    let connection = RequestEvent {
+        protocol: "tcp".into(),
+        cohort: "other".into(),
+        ..event("other", "", Some(0), 5)
+    };
+    s.append("r", 1, &[connection]).unwrap();
+
     // The judge's cells, aggregated by the store: one row per latency bucket.
     // By end time (start + duration), every request within the first second.
     let cells = s.cells(0, 1_000_000_000).unwrap();
     assert!(cells.iter().all(|c| c.second == 0 && c.experiment == "e"));
+    assert!(cells.iter().all(|c| c.cohort != "other"), "{cells:?}");
     let canary: Vec<_> = cells.iter().filter(|c| c.cohort == "canary").collect();
     assert_eq!(canary.len(), 3, "{cells:?}");
     assert_eq!(canary.iter().map(|c| c.requests).sum::<u64>(), 3);
@@ -147,7 +156,13 @@ pub fn check(s: &dyn Store) {
     assert_eq!(s.latest_end(0).unwrap(), Some(50_001_050));
     assert_eq!(s.latest_end(2_000).unwrap(), None);
 
-    assert_eq!(s.delete_before(1_015).unwrap(), 1);
+    assert_eq!(
+        s.events(&Filter::parse(&["protocol=tcp".into()]).unwrap(), 10)
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(s.delete_before(1_015).unwrap(), 2);
 }
 
 /// After `check` and a reopen: what was kept is still there.

@@ -39,8 +39,8 @@ use duckdb::{
 };
 
 use super::{
-    ERROR_SQL, EVENT_COLUMNS, Pending, SAMPLE_COLUMNS, SampleRow, Store, StoreError, StoredEvent,
-    UNANSWERED_SQL, opt,
+    CONNECTION_PROTOCOLS_SQL, ERROR_SQL, EVENT_COLUMNS, Pending, SAMPLE_COLUMNS, SampleRow, Store,
+    StoreError, StoredEvent, UNANSWERED_SQL, opt,
 };
 use crate::query::{FIELDS, Filter, GroupRow, group_fields};
 use crate::series::{CellRow, MAX_DURATION_NS, NO_LATENCY};
@@ -1035,6 +1035,7 @@ impl Store for DuckDbStore {
              FROM requests WHERE end_unix_ns >= ? AND end_unix_ns < ? AND duration_ns <= ? \
              GROUP BY source_id, method, ep, second, bucket) c \
              JOIN sources s ON c.source_id = s.source_id \
+             WHERE s.protocol NOT IN {CONNECTION_PROTOCOLS_SQL} \
              GROUP BY s.experiment, s.cohort, c.method, c.ep, c.second, c.bucket"
         );
         let conn = self.conn()?;

@@ -159,6 +159,10 @@ pub trait Store: Send + Sync + 'static {
     fn latest_end(&self, since_ns: u64) -> Result<Option<u64>, StoreError>;
 }
 
+/// Protocols of connection events (a connection no decoder understood, reported whole):
+/// stored and queryable, never judged (their duration is a connection's life, not a request's).
+pub(crate) const CONNECTION_PROTOCOLS_SQL: &str = "('tcp', 'tls')";
+
 /// Errors as the judge counts them (`series::Outcome`), valid SQL for both backends: an error
 /// reported by the probe (no response, a reset, a SQL error), a 5xx, a non-zero gRPC status.
 /// Protocols without a status (Postgres) succeed with neither.
