@@ -269,6 +269,8 @@ fn run(cli: Cli) -> Result<()> {
     hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
     let mut tls = TlsWatch::default();
     follow_membership(&mut tls, &mut kernel, &mut pipeline);
+    let mut empty = EmptyCohorts::default();
+    empty.check(&pipeline, &config.cohorts);
     if let (Some(cohort), Some(path)) = (&cli.capture_cohort, &cli.capture_file) {
         let id = pipeline
             .cohorts()
@@ -464,6 +466,7 @@ fn run(cli: Cli) -> Result<()> {
                     if let Ok(mut m) = counters.cohort_members.lock() {
                         *m = pipeline.cohort_members();
                     }
+                    empty.check(&pipeline, &config.cohorts);
                     let drops = kernel.drops();
                     for (c, d) in counters.kernel_drops.iter().zip(drops) {
                         c.store(d, std::sync::atomic::Ordering::Relaxed);
@@ -630,6 +633,68 @@ fn apply_cgroups(
         kernel.set_cgroups(&ids)?;
     }
     Ok(())
+}
+
+/// Cohorts without a member: a typo in a rule would otherwise look like a quiet canary.
+/// Warned at start and every `EMPTY_WARN_EVERY` while it lasts (and `/metrics` shows
+/// `bakeoff_probe_cohort_members` at 0).
+#[derive(Default)]
+struct EmptyCohorts {
+    last: std::collections::HashMap<String, std::time::Instant>,
+}
+
+const EMPTY_WARN_EVERY: Duration = Duration::from_secs(60);
+
+impl EmptyCohorts {
+    fn check(&mut self, pipeline: &Pipeline, rules: &[CohortRule]) {
+        let cgroups = pipeline.cohorts().cgroups();
+        for (name, members) in pipeline.cohort_members() {
+            if members > 0 {
+                if self.last.remove(&name).is_some() {
+                    tracing::info!(cohort = %name, members, "cohort has members now");
+                }
+                continue;
+            }
+            if self
+                .last
+                .get(&name)
+                .is_some_and(|t| t.elapsed() < EMPTY_WARN_EVERY)
+            {
+                continue;
+            }
+            self.last.insert(name.clone(), std::time::Instant::now());
+            let why: Vec<String> = rules
+                .iter()
+                .filter(|r| r.name == name)
+                .map(|r| match &r.cgroup {
+                    Some(g)
+                        if !cgroups
+                            .iter()
+                            .any(|m| pipeline.cohorts().name(m.cohort) == name) =>
+                    {
+                        format!("cgroup `{g}` matches no directory")
+                    }
+                    _ => {
+                        let parts: Vec<String> = [
+                            r.cgroup.as_ref().map(|v| format!("cgroup:{v}")),
+                            r.pid.map(|v| format!("pid:{v}")),
+                            r.exe.as_ref().map(|v| format!("exe:{v}")),
+                            r.env.as_ref().map(|v| format!("env:{v}")),
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                        format!("`{}` matches no running process", parts.join(","))
+                    }
+                })
+                .collect();
+            tracing::warn!(
+                cohort = %name,
+                reasons = %why.join("; "),
+                "cohort has no member: nothing of it is watched"
+            );
+        }
+    }
 }
 
 /// Per-process hooks follow cohort membership: TLS uprobes for processes that joined (or ran a

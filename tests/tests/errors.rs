@@ -105,3 +105,40 @@ fn collector_refusals_are_clear() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// A cohort rule that matches nothing is said, not silent: a typo would otherwise look like a
+/// quiet canary.
+#[test]
+fn a_cohort_that_matches_nothing_is_warned_about() -> Result<()> {
+    let (code, stderr) = run(Command::new(bin("bakeoff-probe")?).args([
+        "--cohort",
+        "canary=cgroup:/sys/fs/cgroup/bakeoff-no-such-cgroup",
+        "--cohort",
+        "baseline=exe:/no/such/exe",
+        "--output",
+        "none",
+        "--duration",
+        "1",
+    ]))?;
+    ensure!(code == 0, "exit {code}: {stderr}");
+    ensure!(
+        stderr.contains("cohort has no member")
+            && stderr
+                .contains("cgroup `/sys/fs/cgroup/bakeoff-no-such-cgroup` matches no directory")
+            && stderr.contains("`exe:/no/such/exe` matches no running process"),
+        "{stderr}"
+    );
+    // A cgroup that is not text in the YAML file: refused, with where.
+    let dir = std::env::temp_dir().join(format!("bakeoff-cfg-int-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("probe.yaml");
+    std::fs::write(&file, "cohorts:\n  - name: canary\n    cgroup: [5]\n")?;
+    let (code, stderr) = run(Command::new(bin("bakeoff-probe")?)
+        .arg("--config")
+        .arg(&file))?;
+    ensure!(
+        code == 1 && stderr.contains("line 3"),
+        "exit {code}: {stderr}"
+    );
+    Ok(())
+}
