@@ -206,8 +206,8 @@ fn bakeoff_replay_names_the_slower_endpoint() -> Result<()> {
     };
     ensure!(
         code == 1
-            && latency("GET /bytes/100").as_deref() == Some("slower")
-            && latency("GET /status/200").as_deref() == Some("no difference shown")
+            && latency("GET /bytes/:id").as_deref() == Some("slower")
+            && latency("GET /status/:id").as_deref() == Some("no difference shown")
             && json["requests"] == 300,
         "exit {code}: {json}"
     );
