@@ -108,6 +108,11 @@ struct Cli {
     /// Write the probe's counters (events, drops by reason) as JSON to this file at exit.
     #[arg(long)]
     stats_file: Option<PathBuf>,
+    /// Decode TLS: uprobes on OpenSSL's SSL_read/SSL_write in each cohort process that maps
+    /// libssl. Off by default: each call then costs the service a few microseconds more (on
+    /// the development VM, HTTPS with keep-alive used 7x the CPU per request).
+    #[arg(long, env = "BAKEOFF_TLS_PLAINTEXT")]
+    tls_plaintext: bool,
     /// Record this cohort's traffic (TLS plaintext included, redacted) into `--capture-file`,
     /// for `bakeoff replay`.
     #[arg(long, requires = "capture_file", value_name = "COHORT")]
@@ -267,7 +272,7 @@ fn run(cli: Cli) -> Result<()> {
     pipeline.scan(&mut kernel, &cgroups, via_cgroup);
     let mut hooks = HookControl::new(!config.on_demand_hooks, via_cgroup);
     hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
-    let mut tls = TlsWatch::default();
+    let mut tls = TlsWatch::new(cli.tls_plaintext);
     follow_membership(&mut tls, &mut kernel, &mut pipeline);
     let mut empty = EmptyCohorts::default();
     empty.check(&pipeline, &config.cohorts);

@@ -36,6 +36,8 @@ struct Pending {
 /// The TLS uprobes' owner in user space.
 #[derive(Debug, Default)]
 pub struct TlsWatch {
+    /// Off by default: a uprobe hit costs the watched process microseconds (see the README).
+    enabled: bool,
     /// Attached processes and the library they were attached to.
     attached: HashMap<u32, PathBuf>,
     /// Members whose library was not found yet.
@@ -46,9 +48,20 @@ pub struct TlsWatch {
 }
 
 impl TlsWatch {
+    /// A watch that attaches nothing unless `enabled` (`--tls-plaintext`).
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            ..Self::default()
+        }
+    }
+
     /// A process joined a cohort (or exec'd a new program): attach now if it maps a TLS
     /// library, else look again later.
     pub fn joined(&mut self, kernel: &mut Kernel, pid: u32) {
+        if !self.enabled {
+            return;
+        }
         self.attached.remove(&pid);
         kernel.detach_tls(pid);
         self.pending.insert(

@@ -121,6 +121,7 @@ fn a_recorded_cohort_is_complete_and_redacted() -> Result<()> {
                 "X-Api-Key".into(),
                 "--redact-json".into(),
                 "password".into(),
+                "--tls-plaintext".into(),
             ],
         )?;
         // Four connections: GET and POST, over HTTP and HTTPS.

@@ -178,6 +178,7 @@ fn tls_plaintext_becomes_exact_events(data_path: &str) -> Result<()> {
             format!("python=cgroup:{}", python_cg.path().display()),
             "--payload-prefix".into(),
             "1024".into(),
+            "--tls-plaintext".into(),
         ],
     )?;
 

@@ -392,6 +392,11 @@ fn measure(b: &Bench, setup: Setup) -> Result<Row> {
                 Command::new(b.bins.join("bakeoff-probe"))
                     .arg("--cohort")
                     .arg(rule)
+                    .args(if setup == Setup::TlsTagged {
+                        &["--tls-plaintext"][..]
+                    } else {
+                        &[]
+                    })
                     .arg("--output")
                     .arg(&events)
                     .arg("--ready-file")
