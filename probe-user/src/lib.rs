@@ -14,6 +14,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;
+pub mod preflight;
 pub mod recording;
 pub mod summary;
 pub mod tls;

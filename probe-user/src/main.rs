@@ -23,16 +23,28 @@ use bakeoff_probe::{
 use clap::Parser;
 use tokio::io::unix::AsyncFd;
 
+/// Subcommands; without one, the probe runs.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Preflight: print what this host allows (kernel, BTF, cgroup v2, tracefs, uprobes,
+    /// capabilities, the kernel programs loading) and which data path and how many members
+    /// each configured cohort has. Exit 0 if all is well, 2 with warnings, 1 if the probe cannot
+    /// work here.
+    Check,
+}
+
 /// Watch baseline and canary processes and print one JSON event per request.
 #[derive(Debug, Parser)]
 #[command(name = "bakeoff-probe", version)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// YAML configuration file.
-    #[arg(short, long, env = "BAKEOFF_CONFIG")]
+    #[arg(short, long, env = "BAKEOFF_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Cohort rule NAME=KIND:VALUE[,KIND:VALUE...], KIND one of cgroup, pid, exe, env
     /// (e.g. `canary=env:BAKEOFF_COHORT=canary`). Repeatable; added to the file's rules.
-    #[arg(long = "cohort", value_name = "RULE")]
+    #[arg(long = "cohort", value_name = "RULE", global = true)]
     cohorts: Vec<String>,
     /// Experiment name carried by every event.
     #[arg(long, env = "BAKEOFF_EXPERIMENT")]
@@ -52,7 +64,7 @@ struct Cli {
     /// Kernel hooks for cohorts named by cgroup: `auto` (cgroup_skb on the cohort cgroups;
     /// nothing else on the host pays) or `syscall` (syscall tracepoints, as for pid, exe and
     /// env rules).
-    #[arg(long, env = "BAKEOFF_DATA_PATH", value_enum)]
+    #[arg(long, env = "BAKEOFF_DATA_PATH", value_enum, global = true)]
     data_path: Option<DataPath>,
     /// CPU budget as a share of one core (default 1.0). Above it the probe samples whole
     /// connections, equally in every cohort, and reports the ratio, instead of slowing services.
@@ -251,6 +263,25 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     let config = cli.config()?;
+    if matches!(cli.command, Some(Command::Check)) {
+        let mut findings =
+            bakeoff_probe::preflight::host(config.payload_prefix, config.ring_buffer_bytes);
+        match Cohorts::new(&config.cohorts, cgroup2_root()) {
+            Ok(cohorts) => findings.extend(bakeoff_probe::preflight::cohorts(
+                &cohorts,
+                &config.cohorts,
+                config.data_path,
+            )),
+            Err(e) => findings.push(bakeoff_probe::preflight::Finding {
+                what: "cohorts".into(),
+                level: bakeoff_probe::preflight::Level::Fail,
+                detail: e.to_string(),
+            }),
+        }
+        let (text, code) = bakeoff_probe::preflight::report(&findings);
+        print!("{text}");
+        std::process::exit(code);
+    }
     let cohorts = Cohorts::new(&config.cohorts, cgroup2_root())?;
     let mut kernel = Kernel::load(config.payload_prefix, config.ring_buffer_bytes)?;
     let ring = kernel.ring()?;

@@ -142,3 +142,46 @@ fn a_cohort_that_matches_nothing_is_warned_about() -> Result<()> {
     );
     Ok(())
 }
+
+/// `bakeoff-probe check`: the host's abilities, the programs loaded for real, each cohort's
+/// data path and members; exit 0 / 2 (warnings) / 1 (cannot work here).
+#[test]
+fn check_reports_the_host_and_the_cohorts() -> Result<()> {
+    let me = std::process::id().to_string();
+    let out = Command::new(bin("bakeoff-probe")?)
+        .arg("check")
+        .args([
+            "--cohort",
+            "canary=cgroup:/sys/fs/cgroup/bakeoff-no-such-cgroup",
+            "--cohort",
+            &format!("self=pid:{me}"),
+        ])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.code() == Some(2), "{:?}: {stdout}", out.status);
+    for line in [
+        "ok    kernel",
+        "ok    cgroup v2",
+        "ok    capabilities",
+        "ok    programs       every kernel program loads",
+        "WARN  cohort canary  cgroup path, no member: its cgroup rule matches no directory",
+        "ok    cohort self    syscall path, 1 processes",
+    ] {
+        ensure!(stdout.contains(line), "no `{line}` in:\n{stdout}");
+    }
+    // Without privileges: the capabilities and the programs fail, exit 1.
+    let out = Command::new(bin("bakeoff-probe")?)
+        .args(["check", "--cohort", &format!("self=pid:{me}")])
+        .uid(65534)
+        .gid(65534)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.code() == Some(1)
+            && stdout.contains("FAIL  capabilities")
+            && stdout.contains("FAIL  programs"),
+        "{:?}: {stdout}",
+        out.status
+    );
+    Ok(())
+}
