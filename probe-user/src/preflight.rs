@@ -211,7 +211,7 @@ mod tests {
         let ok = finding("a", Level::Ok, "x");
         let warn = finding("b", Level::Warn, "y");
         let fail = finding("c", Level::Fail, "z");
-        assert_eq!(report(&[ok.clone()]).1, 0);
+        assert_eq!(report(std::slice::from_ref(&ok)).1, 0);
         assert_eq!(report(&[ok.clone(), warn.clone()]).1, 2);
         let (text, code) = report(&[ok, warn, fail]);
         assert_eq!(code, 1);
