@@ -135,7 +135,7 @@ enum Cmd {
         #[arg(long)]
         allow_writes: bool,
         /// Per request (connect, write, read).
-        #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
         /// Latency differences within this share are not reported.
         #[arg(long, default_value_t = 0.05)]
@@ -163,22 +163,6 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-}
-
-/// `10s`, `500ms`, or seconds.
-fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    let (n, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
-    let n: f64 = n.parse().map_err(|_| format!("bad duration `{s}`"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("bad duration unit in `{s}` (ms, s, m)")),
-    };
-    std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
 }
 
 /// The addresses of a replay.

@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::{
     cohort::{Cohorts, cgroup2_root, proc},
     config::{CohortRule, DataPath},
-    kernel::Kernel,
+    kernel::{Kernel, effective_caps},
 };
 
 /// How a finding weighs.
@@ -41,12 +41,6 @@ fn release() -> Option<(String, (u32, u32))> {
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;
     Some((text, (major, minor)))
-}
-
-fn effective_caps() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
-    u64::from_str_radix(line.split_whitespace().nth(1)?, 16).ok()
 }
 
 /// What this host allows, the programs loaded for real (the verifier's verdict included).

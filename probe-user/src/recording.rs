@@ -117,13 +117,6 @@ pub struct Recording {
     pub stats: RecordingStats,
 }
 
-fn index(dir: Direction) -> usize {
-    match dir {
-        Direction::Ingress => 0,
-        Direction::Egress => 1,
-    }
-}
-
 fn cap_dir(dir: Direction) -> CapDir {
     match dir {
         Direction::Ingress => CapDir::Ingress,
@@ -268,7 +261,7 @@ impl Recording {
             (None, _) => {
                 // The unfinished line before this piece, so a header split by the cut is seen
                 // whole; only this piece's bytes are written.
-                let carry = &mut c.carry[index(piece.dir)];
+                let carry = &mut c.carry[piece.dir.index()];
                 let mut joined = std::mem::take(carry);
                 let keep = joined.len();
                 joined.extend_from_slice(&bytes);

@@ -43,6 +43,9 @@ pub enum Direction {
     Egress,
 }
 
+/// Both directions, in `Direction::index` order.
+const BOTH: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+
 impl Direction {
     fn other(self) -> Self {
         match self {
@@ -51,7 +54,8 @@ impl Direction {
         }
     }
 
-    fn index(self) -> usize {
+    /// 0 for ingress, 1 for egress: the slot of per-direction arrays.
+    pub(crate) fn index(self) -> usize {
         match self {
             Direction::Ingress => 0,
             Direction::Egress => 1,
@@ -972,15 +976,10 @@ impl ConnTable {
                 continue;
             };
             let mut exchanges = Vec::new();
-            for (i, r) in streams.iter_mut().enumerate() {
+            for (dir, r) in BOTH.into_iter().zip(streams.iter_mut()) {
                 if r.buffered_bytes() == 0 {
                     continue;
                 }
-                let dir = if i == 0 {
-                    Direction::Ingress
-                } else {
-                    Direction::Egress
-                };
                 r.expire(now, &mut |piece| {
                     decoder.feed(meta, dir, piece, stats, &mut exchanges)
                 });
@@ -1009,12 +1008,7 @@ impl ConnTable {
         } = &mut conn;
         let mut exchanges = Vec::new();
         if let Some(streams) = streams.as_mut() {
-            for (i, r) in streams.iter_mut().enumerate() {
-                let dir = if i == 0 {
-                    Direction::Ingress
-                } else {
-                    Direction::Egress
-                };
+            for (dir, r) in BOTH.into_iter().zip(streams.iter_mut()) {
                 r.finish(&mut |piece| {
                     decoder.feed(meta, dir, piece, &mut self.stats, &mut exchanges)
                 });

@@ -628,7 +628,8 @@ pub fn log_tail(log: &str, n: usize) -> String {
 }
 
 /// Capabilities in the effective set, from `/proc/self/status`.
-fn effective_caps() -> Option<u64> {
+/// The effective capability set of this process (`CapEff` in `/proc/self/status`).
+pub fn effective_caps() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
     u64::from_str_radix(hex.trim(), 16).ok()
