@@ -238,27 +238,37 @@ impl Rollup {
         self.folded.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Adds pre-aggregated cells (read from the store: one row per latency bucket).
+    /// Adds pre-aggregated cells (read from the store: one row per latency bucket). The rows of
+    /// one cell that come one after the other are added with one lookup.
     pub fn fold_cells(&self, rows: &[CellRow]) {
-        for r in rows {
+        let same_cell = |a: &CellRow, b: &CellRow| {
+            a.second == b.second
+                && a.endpoint == b.endpoint
+                && a.cohort == b.cohort
+                && a.experiment == b.experiment
+        };
+        for cell_rows in rows.chunk_by(same_cell) {
+            let Some(r) = cell_rows.first() else { continue };
             let Some(e) = self.experiment(&r.experiment) else {
                 continue;
             };
             let Ok(mut e) = e.lock() else { continue };
             let cell = e
                 .series
-                .entry((r.cohort.clone(), r.endpoint.clone()))
+                .entry((r.cohort.to_string(), r.endpoint.to_string()))
                 .or_default()
                 .open
                 .entry(r.second)
                 .or_default();
-            cell.requests += r.requests;
-            cell.errors += r.errors;
-            cell.unanswered += r.unanswered;
-            // The store puts unanswered requests in a bucket of their own (`NO_LATENCY`).
-            cell.latency
-                .add_bucket(r.bucket, r.requests.saturating_sub(r.unanswered));
-            self.folded.fetch_add(r.requests, Ordering::Relaxed);
+            for r in cell_rows {
+                cell.requests += r.requests;
+                cell.errors += r.errors;
+                cell.unanswered += r.unanswered;
+                // The store puts unanswered requests in a bucket of their own (`NO_LATENCY`).
+                cell.latency
+                    .add_bucket(r.bucket, r.requests.saturating_sub(r.unanswered));
+                self.folded.fetch_add(r.requests, Ordering::Relaxed);
+            }
         }
     }
 
@@ -317,12 +327,13 @@ impl Rollup {
 /// The bucket the store gives requests without a response (they have no latency).
 pub const NO_LATENCY: i32 = i32::MIN;
 
-/// One row of a rebuild from the store: requests of one latency bucket in one cell.
+/// One row of a rebuild from the store: requests of one latency bucket in one cell. The names
+/// are shared by the rows of one cell (a cell has a row per bucket).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CellRow {
-    pub experiment: String,
-    pub cohort: String,
-    pub endpoint: String,
+    pub experiment: Arc<str>,
+    pub cohort: Arc<str>,
+    pub endpoint: Arc<str>,
     pub second: u64,
     pub bucket: i32,
     pub requests: u64,

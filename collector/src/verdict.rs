@@ -594,7 +594,9 @@ impl Scope {
             let n = v.warm.0 + v.warm.1;
             if n >= c.volume_warmup.max(1) {
                 // Half the metric's alpha pays for the learned share being too high.
-                let (lower, _) = confseq::proportion_bounds(v.warm.0, n, alpha_m / 2.0);
+                // (Only its lower end: this runs every second while it is 0, as for an
+                // endpoint the canary does not serve.)
+                let lower = confseq::proportion_lower(v.warm.0, n, alpha_m / 2.0);
                 v.expected = Some(v.warm.0 as f64 / n as f64);
                 v.learned = true;
                 if lower > 0.0 {

@@ -98,17 +98,28 @@ pub fn proportion_bounds(s: u64, n: u64, alpha: f64) -> (f64, f64) {
     let t = (1.0 / alpha).ln();
     let hat = (sf / nf).clamp(1e-12, 1.0 - 1e-12);
     let f = |p: f64| log_mixture(sf, nf, p);
-    let lower = if s == 0 || f(1e-12) < t {
-        0.0
-    } else {
-        crossing(f, 1e-12, hat, t)
-    };
     let upper = if s == n || f(1.0 - 1e-12) < t {
         1.0
     } else {
         crossing(f, hat, 1.0 - 1e-12, t)
     };
-    (lower, upper)
+    (proportion_lower(s, n, alpha), upper)
+}
+
+/// The lower end of `proportion_bounds` alone (half the root finding).
+pub fn proportion_lower(s: u64, n: u64, alpha: f64) -> f64 {
+    if n == 0 || s == 0 {
+        return 0.0;
+    }
+    let (sf, nf) = (s as f64, n as f64);
+    let t = (1.0 / alpha).ln();
+    let hat = (sf / nf).clamp(1e-12, 1.0 - 1e-12);
+    let f = |p: f64| log_mixture(sf, nf, p);
+    if f(1e-12) < t {
+        0.0
+    } else {
+        crossing(f, 1e-12, hat, t)
+    }
 }
 
 #[cfg(test)]

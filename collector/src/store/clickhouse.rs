@@ -352,9 +352,9 @@ impl Store for ClickHouseStore {
                 let r: Row = serde_json::from_str(l)
                     .map_err(|e| StoreError::ClickHouse(format!("bad cell row `{l}`: {e}")))?;
                 Ok(CellRow {
-                    experiment: r.experiment,
-                    cohort: r.cohort,
-                    endpoint: crate::series::endpoint(&r.method, &r.ep),
+                    experiment: r.experiment.into(),
+                    cohort: r.cohort.into(),
+                    endpoint: crate::series::endpoint(&r.method, &r.ep).into(),
                     second: r.second,
                     bucket: r.bucket,
                     requests: r.requests,

@@ -134,9 +134,9 @@ pub fn check(s: &dyn Store) {
     // The judge's cells, aggregated by the store: one row per latency bucket.
     // By end time (start + duration), every request within the first second.
     let cells = s.cells(0, 1_000_000_000).unwrap();
-    assert!(cells.iter().all(|c| c.second == 0 && c.experiment == "e"));
-    assert!(cells.iter().all(|c| c.cohort != "other"), "{cells:?}");
-    let canary: Vec<_> = cells.iter().filter(|c| c.cohort == "canary").collect();
+    assert!(cells.iter().all(|c| c.second == 0 && &*c.experiment == "e"));
+    assert!(cells.iter().all(|c| &*c.cohort != "other"), "{cells:?}");
+    let canary: Vec<_> = cells.iter().filter(|c| &*c.cohort == "canary").collect();
     assert_eq!(canary.len(), 3, "{cells:?}");
     assert_eq!(canary.iter().map(|c| c.requests).sum::<u64>(), 3);
     // A 500 and a request without a response.
@@ -148,7 +148,7 @@ pub fn check(s: &dyn Store) {
         (unanswered.bucket, unanswered.requests),
         (crate::series::NO_LATENCY, 1)
     );
-    let quoted = cells.iter().find(|c| c.endpoint == " /it's").unwrap();
+    let quoted = cells.iter().find(|c| &*c.endpoint == " /it's").unwrap();
     assert_eq!(quoted.bucket, crate::stats::hist::bucket_of(50_000_000));
     assert_eq!((quoted.requests, quoted.errors), (1, 0));
     assert_eq!(s.cells(45_000_000, 1_000_000_000).unwrap().len(), 1);

@@ -17,6 +17,9 @@
 //! throughput does not matter. One transaction holds a group's batches, the
 //! sources they name and their probes' last sequences, so a batch and its sequence are durable
 //! together or not at all. Reads use a connection of their own.
+//!
+//! The judge's cells (`Store::cells`) of what was committed since the store was opened are
+//! folded at ingest (`fold`), so the judge does not read its events back.
 
 use std::{
     collections::HashMap,
@@ -38,12 +41,13 @@ use duckdb::{
     params,
 };
 
+use super::fold::{BatchCells, Fold};
 use super::{
     CONNECTION_PROTOCOLS_SQL, ERROR_SQL, EVENT_COLUMNS, Pending, SAMPLE_COLUMNS, SampleRow, Store,
     StoreError, StoredEvent, UNANSWERED_SQL, opt,
 };
 use crate::query::{FIELDS, Filter, GroupRow, group_fields};
-use crate::series::{CellRow, MAX_DURATION_NS, NO_LATENCY};
+use crate::series::{CellRow, MAX_DURATION_NS, NO_LATENCY, SECOND_NS};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sources (
@@ -230,6 +234,7 @@ fn same_source(a: &RequestEvent, b: &RequestEvent) -> bool {
 struct Sources {
     hasher: std::hash::RandomState,
     by_hash: HashMap<u64, Vec<(u32, Arc<Source>)>>,
+    by_id: HashMap<u32, Arc<Source>>,
     next_id: u32,
     /// Numbered but not yet in the `sources` table: the writer inserts them with the next
     /// group (every batch naming them was numbered before it was queued).
@@ -255,10 +260,9 @@ impl Sources {
     fn insert(&mut self, id: u32, source: Source) {
         let h = self.hash_source(&source);
         self.next_id = self.next_id.max(id.saturating_add(1));
-        self.by_hash
-            .entry(h)
-            .or_default()
-            .push((id, Arc::new(source)));
+        let source = Arc::new(source);
+        self.by_id.insert(id, source.clone());
+        self.by_hash.entry(h).or_default().push((id, source));
     }
 
     fn hash_source(&self, s: &Source) -> u64 {
@@ -289,6 +293,7 @@ impl Sources {
             .checked_add(1)
             .ok_or_else(|| StoreError::Invalid("more than 2^32 sources".into()))?;
         let source = Arc::new(Source::of(probe_id, e));
+        self.by_id.insert(id, source.clone());
         self.by_hash
             .entry(h)
             .or_default()
@@ -298,14 +303,14 @@ impl Sources {
     }
 }
 
-/// Numbers each event's source and builds the batch's `requests` columns: no per-row boxing,
-/// strings copied once into Arrow buffers.
+/// Numbers each event's source and builds the batch's `requests` columns (no per-row boxing,
+/// strings copied once into Arrow buffers) and its cells for the judge.
 fn record_batch(
     sources: &Mutex<Sources>,
     probe_id: &str,
     sequence: u64,
     events: &[RequestEvent],
-) -> Result<RecordBatch, StoreError> {
+) -> Result<(RecordBatch, BatchCells), StoreError> {
     let n = events.len();
     let mut ids = Vec::with_capacity(n);
     {
@@ -320,6 +325,7 @@ fn record_batch(
             ids.push(id);
         }
     }
+    let cells = BatchCells::of(&ids, events);
     let mut status = Vec::with_capacity(n);
     for e in events {
         status.push(match e.status {
@@ -377,8 +383,9 @@ fn record_batch(
         strings(|e| &e.traceparent, true),
         Arc::new(attributes.finish()),
     ];
-    RecordBatch::try_new(request_schema(), columns)
-        .map_err(|e| StoreError::DuckDb(duckdb::Error::ToSqlConversionFailure(Box::new(e))))
+    let batch = RecordBatch::try_new(request_schema(), columns)
+        .map_err(|e| StoreError::DuckDb(duckdb::Error::ToSqlConversionFailure(Box::new(e))))?;
+    Ok((batch, cells))
 }
 
 /// A batch waiting for the writer, and where its outcome goes.
@@ -386,6 +393,8 @@ struct Queued {
     probe_id: String,
     sequence: u64,
     batch: RecordBatch,
+    /// The batch's cells, added to the fold once it is committed.
+    cells: BatchCells,
     outcome: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
     /// Tests: DuckDB refuses this batch.
     #[cfg(test)]
@@ -401,6 +410,8 @@ enum ToWriter {
 /// What the store's callers and its writer share.
 struct Shared {
     sources: Mutex<Sources>,
+    /// The judge's cells of what was committed since the store was opened.
+    fold: Mutex<Fold>,
     /// Events queued for the writer (handed over, outcome not yet sent).
     queued: Mutex<usize>,
     room: Condvar,
@@ -486,8 +497,11 @@ impl DuckDbStore {
                 sources.insert(r.get(0)?, source);
             }
         }
+        let latest_end: Option<u64> =
+            conn.query_row("SELECT max(end_unix_ns) FROM requests", [], |r| r.get(0))?;
         let shared = Arc::new(Shared {
             sources: Mutex::new(sources),
+            fold: Mutex::new(Fold::new(latest_end)),
             queued: Mutex::new(0),
             room: Condvar::new(),
             config,
@@ -526,7 +540,7 @@ impl DuckDbStore {
         &self,
         probe_id: &str,
         sequence: u64,
-        batch: RecordBatch,
+        (batch, cells): (RecordBatch, BatchCells),
         #[cfg(test)] refuse: bool,
     ) -> Result<Pending, StoreError> {
         let n = batch.num_rows();
@@ -550,6 +564,7 @@ impl DuckDbStore {
             probe_id: probe_id.to_string(),
             sequence,
             batch,
+            cells,
             outcome,
             #[cfg(test)]
             refuse,
@@ -743,6 +758,14 @@ impl Writer {
         for q in doomed.drain(..) {
             let f = self.failed.get(&q.probe_id).copied().unwrap_or_default();
             outcomes.push((q, Err(after_failure(f))));
+        }
+        // Into the judge's fold before anyone hears a batch is stored.
+        if let Ok(mut fold) = self.shared.fold.lock() {
+            for (q, r) in &mut outcomes {
+                if r.is_ok() {
+                    fold.add(std::mem::take(&mut q.cells));
+                }
+            }
         }
         let mut released = 0;
         for (q, r) in outcomes {
@@ -967,6 +990,12 @@ impl Store for DuckDbStore {
     }
 
     fn delete_before(&self, unix_ns: u64) -> Result<u64, StoreError> {
+        // Requests that started before `unix_ns` and are judged end before this second.
+        self.shared
+            .fold
+            .lock()
+            .map_err(|_| StoreError::Poisoned)?
+            .forget_before(unix_ns.saturating_add(MAX_DURATION_NS) / SECOND_NS + 1);
         let conn = self.conn()?;
         let n = conn.execute(
             "DELETE FROM requests WHERE start_unix_ns < ?",
@@ -1022,6 +1051,28 @@ impl Store for DuckDbStore {
     }
 
     fn cells(&self, from_ns: u64, to_ns: u64) -> Result<Vec<CellRow>, StoreError> {
+        if from_ns.is_multiple_of(SECOND_NS) && to_ns.is_multiple_of(SECOND_NS) {
+            let mut fold = self.shared.fold.lock().map_err(|_| StoreError::Poisoned)?;
+            let sources = self
+                .shared
+                .sources
+                .lock()
+                .map_err(|_| StoreError::Poisoned)?;
+            let taken = fold.take(from_ns / SECOND_NS, to_ns / SECOND_NS, |id| {
+                let s = sources.by_id.get(&id)?;
+                Some((s.experiment.clone(), s.cohort.clone()))
+            });
+            if let Some(rows) = taken {
+                return Ok(rows);
+            }
+        }
+        self.cells_from_table(from_ns, to_ns)
+    }
+}
+
+impl DuckDbStore {
+    /// The judge's cells read from the `requests` table (what the fold holds, for any range).
+    fn cells_from_table(&self, from_ns: u64, to_ns: u64) -> Result<Vec<CellRow>, StoreError> {
         let sql = format!(
             // Aggregated per source first (a small integer), then per experiment and cohort.
             "SELECT s.experiment, s.cohort, c.method, c.ep, c.second, c.bucket, \
@@ -1048,9 +1099,9 @@ impl Store for DuckDbStore {
             let method: String = row.get(2)?;
             let path: String = row.get(3)?;
             out.push(CellRow {
-                experiment: row.get(0)?,
-                cohort: row.get(1)?,
-                endpoint: crate::series::endpoint(&method, &path),
+                experiment: row.get::<_, String>(0)?.into(),
+                cohort: row.get::<_, String>(1)?.into(),
+                endpoint: crate::series::endpoint(&method, &path).into(),
                 second: row.get(4)?,
                 bucket: row.get(5)?,
                 requests: row.get(6)?,
@@ -1139,6 +1190,114 @@ mod tests {
             |r| r.get(0),
         )
         .unwrap()
+    }
+
+    /// Events of every kind the cell rules tell apart, over `seconds` seconds.
+    fn varied(n: usize, seconds: u64, seed: u64) -> Vec<RequestEvent> {
+        let mut x = seed;
+        let mut next = |m: u64| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 11) % m
+        };
+        (0..n)
+            .map(|_| {
+                let protocol = ["http1", "http1", "grpc", "tcp", "tls"][next(5) as usize];
+                let status = [None, Some(200), Some(404), Some(503)][next(4) as usize];
+                let error = ["", "", "connection reset"][next(3) as usize];
+                let duration_ns = match next(6) {
+                    0 => 0,
+                    1 => MAX_DURATION_NS + 1,
+                    _ => 1 + next(50_000_000),
+                };
+                RequestEvent {
+                    experiment: ["a", "b"][next(2) as usize].into(),
+                    cohort: ["baseline", "canary"][next(2) as usize].into(),
+                    node: "n".into(),
+                    pid: 10 + next(3) as u32,
+                    protocol: protocol.into(),
+                    method: ["GET", "POST"][next(2) as usize].into(),
+                    route: ["", "/users/:id"][next(2) as usize].into(),
+                    path: format!("/users/{}?q={}", next(3), next(100)),
+                    status,
+                    grpc_status: [None, Some(0), Some(14)][next(3) as usize],
+                    error: error.into(),
+                    start_unix_ns: 1_700_000_000 * SECOND_NS + next(seconds * SECOND_NS),
+                    duration_ns,
+                    ..RequestEvent::default()
+                }
+            })
+            .collect()
+    }
+
+    /// (experiment, cohort, endpoint, second, bucket) and its requests, errors, unanswered.
+    type SummedCell = (Arc<str>, Arc<str>, Arc<str>, u64, i32, [u64; 3]);
+
+    /// Cells summed per (experiment, cohort, endpoint, second, bucket), in order.
+    fn summed(rows: Vec<CellRow>) -> Vec<SummedCell> {
+        let mut m: std::collections::BTreeMap<_, [u64; 3]> = Default::default();
+        for r in rows {
+            let c = m
+                .entry((r.experiment, r.cohort, r.endpoint, r.second, r.bucket))
+                .or_default();
+            c[0] += r.requests;
+            c[1] += r.errors;
+            c[2] += r.unanswered;
+        }
+        m.into_iter()
+            .map(|((e, c, p, s, b), n)| (e, c, p, s, b, n))
+            .collect()
+    }
+
+    #[test]
+    fn cells_folded_at_ingest_are_the_tables() {
+        let db = TempDb::new("fold");
+        let store = DuckDbStore::open(&db.0).unwrap();
+        for seq in 1..=6 {
+            store.append("p", seq, &varied(2_000, 10, seq)).unwrap();
+        }
+        let s0 = 1_700_000_000;
+        let range = |a: u64, b: u64| ((s0 + a) * SECOND_NS, (s0 + b) * SECOND_NS);
+        // Every second, in three reads as the judge makes them, folded against the table.
+        for (a, b) in [(0, 3), (3, 4), (4, 12)] {
+            let (from, to) = range(a, b);
+            let table = summed(store.cells_from_table(from, to).unwrap());
+            assert!(table.len() > 50, "{}", table.len());
+            assert_eq!(
+                summed(store.cells(from, to).unwrap()),
+                table,
+                "seconds {a}..{b}"
+            );
+        }
+        // A late request for a second read already is in the table, not counted twice.
+        store.append("p", 7, &varied(100, 3, 99)).unwrap();
+        let (from, to) = range(0, 3);
+        assert_eq!(
+            summed(store.cells(from, to).unwrap()),
+            summed(store.cells_from_table(from, to).unwrap())
+        );
+        // After a reopen, what was stored before is read from the table, later seconds folded.
+        drop(store);
+        let store = DuckDbStore::open(&db.0).unwrap();
+        let later: Vec<RequestEvent> = varied(1_000, 5, 7)
+            .into_iter()
+            .map(|mut e| {
+                e.start_unix_ns += 20 * SECOND_NS;
+                e
+            })
+            .collect();
+        store.append("p", 8, &later).unwrap();
+        for (a, b) in [(0, 20), (20, 30)] {
+            let (from, to) = range(a, b);
+            assert_eq!(
+                summed(store.cells(from, to).unwrap()),
+                summed(store.cells_from_table(from, to).unwrap()),
+                "seconds {a}..{b} after a reopen"
+            );
+        }
+        let held = store.shared.fold.lock().unwrap();
+        assert!(held.is_empty(), "{held:?}");
     }
 
     #[test]

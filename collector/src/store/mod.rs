@@ -5,6 +5,7 @@ pub mod clickhouse;
 #[cfg(test)]
 mod conformance;
 pub mod duckdb;
+mod fold;
 
 use bakeoff_proto::v1::RequestEvent;
 
@@ -161,6 +162,8 @@ pub trait Store: Send + Sync + 'static {
 
 /// Protocols of connection events (a connection no decoder understood, reported whole):
 /// stored and queryable, never judged (their duration is a connection's life, not a request's).
+pub(crate) const CONNECTION_PROTOCOLS: [&str; 2] = ["tcp", "tls"];
+/// `CONNECTION_PROTOCOLS` as an SQL list.
 pub(crate) const CONNECTION_PROTOCOLS_SQL: &str = "('tcp', 'tls')";
 
 /// Errors as the judge counts them (`series::Outcome`), valid SQL for both backends: an error
