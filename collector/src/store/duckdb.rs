@@ -1578,5 +1578,11 @@ INSERT INTO probes VALUES ('p', 2), ('q', 7);
                 batches as u64
             );
         }
+        drop(store);
+        println!(
+            "append_rate: file {} bytes ({:.1} per event)",
+            std::fs::metadata(&db.0).unwrap().len(),
+            std::fs::metadata(&db.0).unwrap().len() as f64 / n as f64
+        );
     }
 }
