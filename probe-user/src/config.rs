@@ -38,13 +38,55 @@ pub struct CohortRule {
     /// `NAME=VALUE` (or just `NAME`) in the process environment.
     #[serde(default)]
     pub env: Option<String>,
+    /// Pods of this node chosen by Kubernetes objects (needs the `kubernetes` section); a rule
+    /// with it takes no other selector.
+    #[serde(default)]
+    pub kubernetes: Option<KubeSelector>,
+}
+
+/// Which pods form a cohort, by Kubernetes objects. With neither `selector`, `argo_rollout` nor
+/// `flagger`: the pods labelled `bakeoff.io/cohort: <cohort name>`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KubeSelector {
+    /// Only pods of this namespace.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Label selector, e.g. `app=checkout,version=v2` (`=`, `==`, `!=`, `key`, `!key`).
+    #[serde(default)]
+    pub selector: Option<String>,
+    /// Pods of this Argo Rollout; `role: stable` (its `status.stableRS`) or `canary` (its
+    /// `status.currentPodHash` while it differs from the stable one).
+    #[serde(default)]
+    pub argo_rollout: Option<String>,
+    /// Pods of this Flagger canary's workloads; `role: primary` (`<name>-primary`) or `canary`
+    /// (`<name>`).
+    #[serde(default)]
+    pub flagger: Option<String>,
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+/// The Kubernetes API, for cohorts by Kubernetes objects and pod metadata on events.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Pod labels copied onto every event (as attributes `k8s.label.<name>`).
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// A kubeconfig file; default: in-cluster service account (or `KUBECONFIG`).
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl CohortRule {
     /// A rule made only of a cgroup selector is enforced in the kernel by cgroup id; any other
     /// rule needs user space to look at the process.
     pub fn is_cgroup_only(&self) -> bool {
-        self.cgroup.is_some() && self.pid.is_none() && self.exe.is_none() && self.env.is_none()
+        (self.cgroup.is_some() || self.kubernetes.is_some())
+            && self.pid.is_none()
+            && self.exe.is_none()
+            && self.env.is_none()
     }
 
     /// Parses the CLI form `NAME=KIND:VALUE[,KIND:VALUE...]`, e.g.
@@ -253,6 +295,9 @@ pub struct Config {
     /// Memory bound: connections tracked at most (each also bounds its TCP reassembly buffers).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Watch this node's pods: cohorts by Kubernetes objects, pod metadata on events.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 fn default_max_cpu() -> f64 {
@@ -291,6 +336,7 @@ impl Default for Config {
             data_path: DataPath::Auto,
             max_cpu: default_max_cpu(),
             max_connections: default_max_connections(),
+            kubernetes: None,
         }
     }
 }
@@ -403,8 +449,26 @@ impl Config {
                 && rule.pid.is_none()
                 && rule.exe.is_none()
                 && rule.env.is_none()
+                && rule.kubernetes.is_none()
             {
-                return Err(at("needs at least one of cgroup, pid, exe, env".into()));
+                return Err(at(
+                    "needs at least one of cgroup, pid, exe, env, kubernetes".into(),
+                ));
+            }
+            if let Some(k) = &rule.kubernetes {
+                if rule.cgroup.is_some()
+                    || rule.pid.is_some()
+                    || rule.exe.is_some()
+                    || rule.env.is_some()
+                {
+                    return Err(at("kubernetes takes no other selector".into()));
+                }
+                if self.kubernetes.is_none() {
+                    return Err(at(
+                        "kubernetes rules need the top-level `kubernetes` section".into(),
+                    ));
+                }
+                crate::kubernetes::PodRule::new(k, &rule.name).map_err(at)?;
             }
             for glob in [&rule.cgroup, &rule.exe].into_iter().flatten() {
                 globset::Glob::new(glob).map_err(|e| at(format!("bad glob `{glob}`: {e}")))?;
@@ -434,7 +498,8 @@ mod tests {
     /// The shipped Kubernetes ConfigMap must hold a configuration this probe accepts.
     #[test]
     fn the_kubernetes_configmap_loads() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/probe.yaml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/kubernetes/base/probe-config.yaml");
         let text = std::fs::read_to_string(&path).unwrap();
         let config_map = serde_yaml_ng::Deserializer::from_str(&text)
             .map(|d| serde_yaml_ng::Value::deserialize(d).unwrap())
@@ -443,6 +508,8 @@ mod tests {
         let embedded = config_map["data"]["probe.yaml"].as_str().unwrap();
         let c = Config::from_yaml(embedded, &path).unwrap();
         assert_eq!(c.cohorts.len(), 2);
+        assert!(c.cohorts.iter().all(|r| r.kubernetes.is_some()));
+        assert!(c.kubernetes.is_some());
         let collector = c.collector.as_ref().unwrap();
         assert!(collector.endpoint.starts_with("http://bakeoff-collector."));
         assert_eq!(c.metrics_listen.map(|a| a.port()), Some(9464));
@@ -487,7 +554,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "p.yaml: cohorts[0] (canary): needs at least one of cgroup, pid, exe, env"
+            "p.yaml: cohorts[0] (canary): needs at least one of cgroup, pid, exe, env, kubernetes"
         );
         let yaml = "payload_prefix: 100000\n";
         let e = Config::from_yaml(yaml, Path::new("p.yaml"))

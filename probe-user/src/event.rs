@@ -13,6 +13,13 @@ pub struct RequestEvent {
     /// Host the probe runs on.
     pub node: String,
     pub pid: u32,
+    /// Kubernetes namespace, pod and container of the process, when the node's pods are watched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
     /// Executable path of the process.
     pub exe: String,
     /// `server` when the process answered the request, `client` when it sent it.

@@ -11,6 +11,7 @@ pub mod conn;
 pub mod event;
 pub mod export;
 pub mod kernel;
+pub mod kubernetes;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;

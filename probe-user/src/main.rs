@@ -282,11 +282,22 @@ fn run(cli: Cli) -> Result<()> {
         print!("{text}");
         std::process::exit(code);
     }
-    let cohorts = Cohorts::new(&config.cohorts, cgroup2_root())?;
+    let mut cohorts = Cohorts::new(&config.cohorts, cgroup2_root())?;
+    // The node's pods, kept current by watches started with the async runtime below.
+    let kube_view = config.kubernetes.as_ref().map(|k| {
+        Arc::new(bakeoff_probe::kubernetes::View::new(
+            k.labels.clone(),
+            cgroup2_root(),
+        ))
+    });
+    if let Some(view) = &kube_view {
+        cohorts.set_kubernetes(view.clone());
+    }
+    let needs_rollouts = cohorts.needs_rollouts();
     let mut kernel = Kernel::load(config.payload_prefix, config.ring_buffer_bytes)?;
     let ring = kernel.ring()?;
     let node = config.node.clone().unwrap_or_else(hostname);
-    let mut pipeline = Pipeline::new(cohorts, config.experiment.clone(), node);
+    let mut pipeline = Pipeline::new(cohorts, config.experiment.clone(), node.clone());
     let mut out = match config.json_output() {
         Some(path) => {
             Some(JsonLines::open(path).with_context(|| format!("cannot open output {path}"))?)
@@ -367,6 +378,23 @@ fn run(cli: Cli) -> Result<()> {
     let mut summary = Summary::default();
     let counters = Arc::new(ProbeCounters::default());
     let (exporter_stats, otlp_stats) = runtime.block_on(async {
+        if let (Some(k), Some(view)) = (&config.kubernetes, &kube_view) {
+            use bakeoff_probe::kubernetes::watch;
+            let client = watch::client(k)
+                .await
+                .context("cannot use the Kubernetes API (the `kubernetes` section)")?;
+            let stats = Arc::new(watch::WatchStats::default());
+            tokio::spawn(watch::pods(
+                client.clone(),
+                node.clone(),
+                view.clone(),
+                stats.clone(),
+            ));
+            if needs_rollouts {
+                tokio::spawn(watch::rollouts(client, view.clone(), stats));
+            }
+            tracing::info!(node = %node, rollouts = needs_rollouts, "watching this node's pods");
+        }
         let exporter = match &config.collector {
             Some(c) => Some(
                 Exporter::start(

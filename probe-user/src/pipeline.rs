@@ -46,6 +46,8 @@ impl Membership for Kernel {
 struct Process {
     cohort: u32,
     exe: String,
+    /// The Kubernetes pod it runs in, when the node's pods are watched.
+    pod: Option<crate::kubernetes::PodMeta>,
     /// Watched through its cgroup's socket hooks (cgroup path), not the syscall tracepoints.
     via_cgroup: bool,
 }
@@ -316,11 +318,13 @@ impl Pipeline {
         // A short-lived process (a Postgres backend of one psql command) may be gone before its
         // first record is read: then it most likely ran what most of its cohort runs.
         let exe = proc::exe_of(tgid).unwrap_or_else(|| self.cohort_exe(cohort).unwrap_or_default());
+        let pod = self.cohorts.pod_of(tgid);
         self.procs.insert(
             tgid,
             Process {
                 cohort,
                 exe,
+                pod,
                 via_cgroup,
             },
         );
@@ -422,11 +426,14 @@ impl Pipeline {
                         cohort = self.cohorts.name(e.cohort),
                         "watching forked process"
                     );
+                    // A forked child runs in its parent's pod.
+                    let pod = self.procs.get(&e.header.tgid).and_then(|p| p.pod.clone());
                     self.procs.insert(
                         e.pid,
                         Process {
                             cohort: e.cohort,
                             exe,
+                            pod,
                             via_cgroup: false,
                         },
                     );
@@ -625,7 +632,11 @@ impl Pipeline {
         role: Role,
         peer: Option<std::net::SocketAddr>,
     ) -> RequestEvent {
+        let pod = self.procs.get(&tgid).and_then(|p| p.pod.as_ref());
         RequestEvent {
+            namespace: pod.map(|p| p.namespace.clone()),
+            pod: pod.map(|p| p.pod.clone()),
+            container: pod.and_then(|p| p.container.clone()),
             experiment: self.experiment.clone(),
             cohort: self.cohorts.name(cohort).to_string(),
             node: self.node.clone(),
@@ -655,7 +666,14 @@ impl Pipeline {
             traceparent: None,
             user_agent: None,
             grpc_status: None,
-            attributes: Default::default(),
+            attributes: pod
+                .map(|p| {
+                    p.labels
+                        .iter()
+                        .map(|(k, v)| (format!("k8s.label.{k}"), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 
@@ -666,7 +684,7 @@ impl Pipeline {
             Role::Server => (x.request_bytes, x.response_bytes),
             Role::Client => (x.response_bytes, x.request_bytes),
         };
-        RequestEvent {
+        let mut event = RequestEvent {
             protocol: x.protocol.to_string(),
             method: x.method,
             path: x.path,
@@ -685,9 +703,11 @@ impl Pipeline {
             traceparent: x.traceparent,
             user_agent: x.user_agent,
             grpc_status: x.grpc_status,
-            attributes: x.attributes.into_iter().collect(),
             ..self.base_event(d.tgid, d.cohort, d.role, d.peer)
-        }
+        };
+        // The pod's labels (from `base_event`) and the protocol's fields.
+        event.attributes.extend(x.attributes);
+        event
     }
 }
 

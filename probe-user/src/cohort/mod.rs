@@ -10,7 +10,10 @@ use std::{
 
 use globset::{Glob, GlobMatcher};
 
-use crate::config::{CohortRule, ConfigError};
+use crate::{
+    config::{CohortRule, ConfigError},
+    kubernetes::{PodMeta, PodRule, SharedView},
+};
 
 /// Where cgroup v2 is mounted on hybrid hosts; `/sys/fs/cgroup` on unified ones.
 pub fn cgroup2_root() -> PathBuf {
@@ -46,6 +49,10 @@ pub struct Cohorts {
     names: Vec<String>,
     rules: Vec<CompiledRule>,
     root: PathBuf,
+    /// Rules by Kubernetes objects, with their cohort.
+    kube_rules: Vec<(u32, PodRule)>,
+    /// The node's pods (when the `kubernetes` section is configured).
+    kube: Option<SharedView>,
 }
 
 impl Cohorts {
@@ -60,6 +67,7 @@ impl Cohorts {
                     message: format!("bad glob `{pattern}`: {e}"),
                 })
         };
+        let mut kube_rules = Vec::new();
         for rule in rules {
             let cohort = match names.iter().position(|n| *n == rule.name) {
                 Some(i) => i as u32 + 1,
@@ -69,6 +77,15 @@ impl Cohorts {
                 }
             };
             let origin = format!("cohort {}", rule.name);
+            if let Some(k) = &rule.kubernetes {
+                let compiled =
+                    PodRule::new(k, &rule.name).map_err(|message| ConfigError::Invalid {
+                        origin: origin.clone(),
+                        message,
+                    })?;
+                kube_rules.push((cohort, compiled));
+                continue;
+            }
             let cgroup = match &rule.cgroup {
                 Some(p) => {
                     let abs = if p.starts_with('/') {
@@ -99,7 +116,29 @@ impl Cohorts {
             names,
             rules: compiled,
             root,
+            kube_rules,
+            kube: None,
         })
+    }
+
+    /// Whether some rule chooses pods by Kubernetes objects.
+    pub fn has_kubernetes_rules(&self) -> bool {
+        !self.kube_rules.is_empty()
+    }
+
+    /// Whether some rule needs the Argo Rollouts API.
+    pub fn needs_rollouts(&self) -> bool {
+        self.kube_rules.iter().any(|(_, r)| r.needs_rollouts())
+    }
+
+    /// The node's pods, kept current by the Kubernetes watches.
+    pub fn set_kubernetes(&mut self, view: SharedView) {
+        self.kube = Some(view);
+    }
+
+    /// The pod a process runs in, when the node's pods are watched.
+    pub fn pod_of(&self, pid: u32) -> Option<PodMeta> {
+        self.kube.as_ref()?.meta_of_process(pid)
     }
 
     /// Cohort name for an id.
@@ -138,6 +177,19 @@ impl Cohorts {
                 });
             }
         });
+        if let Some(view) = &self.kube {
+            for (dir, cohort) in view.cgroups(&self.kube_rules) {
+                if let Ok(meta) = std::fs::metadata(&dir)
+                    && !out.iter().any(|m| m.id == meta.ino())
+                {
+                    out.push(CgroupMatch {
+                        id: meta.ino(),
+                        cohort,
+                        dir,
+                    });
+                }
+            }
+        }
         out
     }
 

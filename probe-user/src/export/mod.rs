@@ -9,12 +9,18 @@ use bakeoff_proto::v1;
 
 use crate::event::RequestEvent;
 
+/// The attribute carrying an event's Kubernetes namespace (the wire format has fields for the
+/// pod and container, not the namespace).
+pub const NAMESPACE_ATTRIBUTE: &str = "k8s.namespace";
+
 /// The wire form of an event.
 pub fn to_proto(e: &RequestEvent) -> v1::RequestEvent {
     v1::RequestEvent {
         experiment: e.experiment.clone(),
         cohort: e.cohort.clone(),
         node: e.node.clone(),
+        pod: e.pod.clone().unwrap_or_default(),
+        container: e.container.clone().unwrap_or_default(),
         pid: e.pid,
         exe: e.exe.clone(),
         role: e.role.clone(),
@@ -35,6 +41,11 @@ pub fn to_proto(e: &RequestEvent) -> v1::RequestEvent {
             .user_agent
             .iter()
             .map(|ua| ("user_agent".to_string(), ua.clone()))
+            .chain(
+                e.namespace
+                    .iter()
+                    .map(|ns| (NAMESPACE_ATTRIBUTE.to_string(), ns.clone())),
+            )
             .chain(e.attributes.iter().map(|(k, v)| (k.clone(), v.clone())))
             .collect(),
         ..v1::RequestEvent::default()
