@@ -56,17 +56,59 @@ fn run(step: &str, cmd: &mut Command) -> Result<()> {
 }
 
 pub fn bootstrap() -> Result<()> {
-    rust_src()?;
-    bpf_linker()?;
-    tracefs()?;
-    debian_packages()?;
-    python_packages()?;
-    libduckdb()?;
+    bootstrap_parts(Part::ALL)
+}
+
+/// What `cargo xtask bootstrap --only` can install on its own: the container images'
+/// build stages (deploy/images/) take only what their binary needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Nightly `rust-src` and bpf-linker: building the probe's kernel programs.
+    EbpfToolchain,
+    /// tracefs mounted (the probe's tests).
+    Tracefs,
+    /// The Debian packages the tests, demo and benchmarks use.
+    Debian,
+    /// The PyPI packages the tests use.
+    Python,
+    /// The prebuilt libduckdb the collector links.
+    Libduckdb,
+}
+
+impl Part {
+    pub const ALL: &[Part] = &[
+        Part::EbpfToolchain,
+        Part::Tracefs,
+        Part::Debian,
+        Part::Python,
+        Part::Libduckdb,
+    ];
+}
+
+/// Installs the given parts, in the order of `Part::ALL`.
+pub fn bootstrap_parts(parts: &[Part]) -> Result<()> {
+    for part in Part::ALL.iter().filter(|p| parts.contains(p)) {
+        match part {
+            Part::EbpfToolchain => {
+                rust_src()?;
+                bpf_linker()?;
+            }
+            Part::Tracefs => tracefs()?,
+            Part::Debian => debian_packages()?,
+            Part::Python => python_packages()?,
+            Part::Libduckdb => libduckdb()?,
+        }
+    }
     Ok(())
 }
 
-/// PyPI packages the tests use: grpcio, a third-party gRPC implementation for the HTTP/2 tests.
-const PYTHON_PACKAGES: &[(&str, &str)] = &[("grpcio==1.85.3", "grpc")];
+/// PyPI packages the tests use: grpcio, a third-party gRPC implementation for the HTTP/2 tests;
+/// kubernetes-validate, the Kubernetes API's JSON schemas for the deploy manifests' test
+/// (deploy/kubernetes/validate.py; it brings jsonschema and PyYAML).
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("grpcio==1.85.3", "grpc"),
+    ("kubernetes-validate==1.37.0", "kubernetes_validate"),
+];
 
 fn python_packages() -> Result<()> {
     for (package, module) in PYTHON_PACKAGES {

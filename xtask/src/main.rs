@@ -19,7 +19,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what the build and the tests need (idempotent, quiet when all is present).
-    Bootstrap,
+    Bootstrap {
+        /// Only these parts (repeatable; default: all), e.g. in a container image's build stage.
+        #[arg(long, value_enum)]
+        only: Vec<bootstrap::Part>,
+    },
     /// Build the probe (kernel programs included), the collector and the test tools (release
     /// profile, the one tests, demo and benchmarks use).
     Build,
@@ -145,7 +149,8 @@ fn test(bins: &std::path::Path) -> Result<()> {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Bootstrap => bootstrap::bootstrap(),
+        Cmd::Bootstrap { only } if only.is_empty() => bootstrap::bootstrap(),
+        Cmd::Bootstrap { only } => bootstrap::bootstrap_parts(&only),
         Cmd::Build => build(true).map(|_| ()),
         Cmd::Test => {
             // One profile for tests, demo and benchmarks: DuckDB's C++ is then built once.
