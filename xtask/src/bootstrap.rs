@@ -19,6 +19,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("protobuf-compiler", "/usr/bin/protoc"),
     ("clickhouse-server", "/usr/sbin/clickhouse-server"),
     ("chromium", "/usr/bin/chromium"),
+    // setcap: the probe's file capabilities, as its image sets them (tests/tests/deploy.rs).
+    ("libcap2-bin", "/sbin/setcap"),
 ];
 
 /// Where the prebuilt libduckdb goes; `.cargo/config.toml` points DUCKDB_LIB_DIR here.
