@@ -212,11 +212,17 @@ impl Pipeline {
             }
             keep
         });
+        // A matched directory's processes and its descendants' (a pod's are in its
+        // containers' cgroups).
+        let mut found = Vec::new();
         for g in cgroups {
-            for pid in proc::pids_in_cgroup(&g.dir) {
-                if !self.procs.contains_key(&pid) {
-                    self.register(pid, g.cohort, true);
-                }
+            crate::cohort::walk_cgroup_tree(&g.dir, |dir| {
+                found.extend(proc::pids_in_cgroup(dir).into_iter().map(|p| (p, g.cohort)));
+            });
+        }
+        for (pid, cohort) in found {
+            if !self.procs.contains_key(&pid) {
+                self.register(pid, cohort, true);
             }
         }
     }

@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod clickhouse;
 pub mod client;
 pub mod collector;
+pub mod kubeapi;
 pub mod metrics;
 pub mod netns;
 pub mod otlp;

@@ -232,7 +232,7 @@ pub struct CgroupPlan {
 
 /// Calls `visit` for `root` and every directory below it, 16 levels deep at most (the
 /// cgroup tree is shallow; the bound keeps a loop of bind mounts harmless).
-fn walk_cgroup_tree(root: &Path, mut visit: impl FnMut(&Path)) {
+pub fn walk_cgroup_tree(root: &Path, mut visit: impl FnMut(&Path)) {
     let mut stack = vec![(root.to_path_buf(), 0usize)];
     while let Some((dir, depth)) = stack.pop() {
         visit(&dir);
