@@ -5,8 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use bakeoff_collector::{
     api::{
+        auth::Access,
         grpc::QueryService,
         http::{ApiState, router},
+        tls::{TlsListener, TlsPeer},
     },
     experiments::{Experiment, ExperimentsFile, Verdicts},
     ingest::{IngestService, IngestStats, MAX_MESSAGE_BYTES},
@@ -70,6 +72,8 @@ enum Cmd {
         /// Delete events older than this many hours (0 keeps everything).
         #[arg(long, env = "BAKEOFF_RETENTION_HOURS", default_value_t = 168)]
         retention_hours: u64,
+        #[command(flatten)]
+        api_security: ApiSecurityArgs,
     },
     /// Is the canary worse than the baseline? Exit code 0 pass, 1 fail, 2 inconclusive, 3 error.
     Verdict {
@@ -79,9 +83,8 @@ enum Cmd {
         baseline: String,
         #[arg(long, default_value = "canary")]
         canary: String,
-        /// The collector's HTTP API.
-        #[arg(long, env = "BAKEOFF_API", default_value = "http://127.0.0.1:8080")]
-        api: String,
+        #[command(flatten)]
+        api: ApiArgs,
         #[command(flatten)]
         judge: JudgeArgs,
         /// Refresh every this many seconds until the verdict is pass or fail.
@@ -107,9 +110,8 @@ enum Cmd {
         baseline: String,
         #[arg(long, default_value = "canary")]
         canary: String,
-        /// The collector's HTTP API.
-        #[arg(long, env = "BAKEOFF_API", default_value = "http://127.0.0.1:8080")]
-        api: String,
+        #[command(flatten)]
+        api: ApiArgs,
         #[command(flatten)]
         judge: JudgeArgs,
     },
@@ -148,9 +150,8 @@ enum Cmd {
     },
     /// Query events: raw (newest first) or grouped, as a table or JSON.
     Events {
-        /// The collector's HTTP API.
-        #[arg(long, env = "BAKEOFF_API", default_value = "http://127.0.0.1:8080")]
-        api: String,
+        #[command(flatten)]
+        api: ApiArgs,
         /// FIELD=VALUE filters (repeatable), e.g. `cohort=canary`.
         #[arg(long = "where", value_name = "FIELD=VALUE")]
         filters: Vec<String>,
@@ -163,6 +164,134 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Who may call the query API (HTTP and gRPC Query), and the HTTP API's TLS.
+#[derive(clap::Args, Debug, Default)]
+struct ApiSecurityArgs {
+    /// Serve the HTTP API over TLS with this certificate (PEM chain) and --http-tls-key.
+    #[arg(long, env = "BAKEOFF_HTTP_TLS_CERT", requires = "http_tls_key")]
+    http_tls_cert: Option<PathBuf>,
+    /// The HTTP API certificate's private key (PEM).
+    #[arg(long, env = "BAKEOFF_HTTP_TLS_KEY", requires = "http_tls_cert")]
+    http_tls_key: Option<PathBuf>,
+    /// Mutual TLS on the HTTP API: a client certificate signed by this CA counts as a `full`
+    /// token. Optional for clients (tokens still work; /healthz and /metrics need neither).
+    #[arg(long, env = "BAKEOFF_HTTP_CLIENT_CA", requires = "http_tls_cert")]
+    http_client_ca: Option<PathBuf>,
+    /// Bearer tokens of the HTTP API and the gRPC Query service: lines `read TOKEN` (verdicts,
+    /// experiments, report, Flagger) or `full TOKEN` (also raw events); `#` comments.
+    #[arg(long, env = "BAKEOFF_API_TOKENS", value_name = "FILE")]
+    api_tokens: Option<PathBuf>,
+}
+
+/// How the CLI reaches the collector's HTTP API.
+#[derive(clap::Args, Debug)]
+struct ApiArgs {
+    /// The collector's HTTP API (https://... when it serves TLS).
+    #[arg(long, env = "BAKEOFF_API", default_value = "http://127.0.0.1:8080")]
+    api: String,
+    /// File holding the bearer token sent to the collector (the token alone, e.g. a mounted
+    /// Secret key).
+    #[arg(long, env = "BAKEOFF_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) to trust for the collector's certificate, instead of the
+    /// built-in public roots.
+    #[arg(long, env = "BAKEOFF_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    /// A client with the token and trusted CAs loaded; file problems are said before any request.
+    fn client(&self) -> Result<ApiClient> {
+        let token = match &self.token_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the token file {}", path.display()))?;
+                let token = text.trim();
+                if token.is_empty() {
+                    bail!("the token file {} is empty", path.display());
+                }
+                if token.contains(char::is_whitespace) {
+                    bail!(
+                        "the token file {} must hold the token alone (it has spaces or several lines)",
+                        path.display()
+                    );
+                }
+                Some(format!("Bearer {token}"))
+            }
+        };
+        let mut config = ureq::Agent::config_builder();
+        if let Some(path) = &self.ca {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read the CA file {}", path.display()))?;
+            let mut certs = Vec::new();
+            for item in ureq::tls::parse_pem(&pem) {
+                if let ureq::tls::PemItem::Certificate(c) =
+                    item.with_context(|| format!("bad PEM in {}", path.display()))?
+                {
+                    certs.push(c);
+                }
+            }
+            if certs.is_empty() {
+                bail!("no certificate in the CA file {}", path.display());
+            }
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+                    .build(),
+            );
+        }
+        Ok(ApiClient {
+            agent: config.build().new_agent(),
+            base: self.api.trim_end_matches('/').to_string(),
+            authorization: token,
+        })
+    }
+}
+
+/// The CLI's HTTP client of the collector.
+struct ApiClient {
+    agent: ureq::Agent,
+    base: String,
+    /// `Bearer TOKEN`.
+    authorization: Option<String>,
+}
+
+impl ApiClient {
+    /// A GET of `path` (from `/`), with the token if there is one.
+    fn get(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        let req = self.agent.get(format!("{}{path}", self.base));
+        match &self.authorization {
+            Some(a) => req.header("Authorization", a),
+            None => req,
+        }
+    }
+}
+
+/// Sends `req`; a non-2xx answer is an error carrying the collector's reason (its JSON
+/// `error`), e.g. the scope a route needs.
+fn send(
+    req: ureq::RequestBuilder<ureq::typestate::WithoutBody>,
+    what: &str,
+    api: &str,
+) -> Result<ureq::http::Response<ureq::Body>> {
+    let mut resp = req
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .with_context(|| format!("cannot get {what} from {api}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body: serde_json::Value = resp.body_mut().read_json().unwrap_or_default();
+        bail!(
+            "the collector answered {status}: {}",
+            body["error"].as_str().unwrap_or("(no reason given)")
+        );
+    }
+    Ok(resp)
 }
 
 /// The addresses of a replay.
@@ -274,6 +403,7 @@ fn main() {
             judge_lag,
             evaluate_every,
             retention_hours,
+            api_security,
         } => {
             let tls = match (tls_cert, tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles {
@@ -304,7 +434,10 @@ fn main() {
                 grpc_listen,
                 http_listen,
                 backend,
-                tls,
+                Security {
+                    grpc_tls: tls,
+                    api: &api_security,
+                },
                 (
                     experiments,
                     Duration::from_secs_f64(evaluate_every.max(0.5)),
@@ -330,7 +463,10 @@ fn main() {
                 ("canary", canary),
             ];
             query.extend(judge.query());
-            match verdict(&api, &query, watch, timeout, json, all) {
+            match api
+                .client()
+                .and_then(|client| verdict(&client, &query, watch, timeout, json, all))
+            {
                 Ok(code) => std::process::exit(code),
                 Err(e) => {
                     eprintln!("bakeoff: error: {e:#}");
@@ -345,7 +481,9 @@ fn main() {
             canary,
             api,
             judge,
-        } => report(&api, &experiment, &baseline, &canary, &judge, &output),
+        } => api
+            .client()
+            .and_then(|client| report(&client, &experiment, &baseline, &canary, &judge, &output)),
         Cmd::Replay {
             file,
             target,
@@ -380,7 +518,9 @@ fn main() {
             group_by,
             limit,
             json,
-        } => events(&api, &filters, group_by.as_deref(), limit, json),
+        } => api
+            .client()
+            .and_then(|client| events(&client, &filters, group_by.as_deref(), limit, json)),
     };
     if let Err(e) = result {
         eprintln!("bakeoff: error: {e:#}");
@@ -503,15 +643,70 @@ impl TlsFiles {
     }
 }
 
+/// The TLS and access settings of `serve`.
+struct Security<'a> {
+    /// The gRPC port's (ingest and Query).
+    grpc_tls: Option<TlsFiles>,
+    /// The HTTP API's TLS and the tokens of both APIs.
+    api: &'a ApiSecurityArgs,
+}
+
 fn serve(
     grpc: SocketAddr,
     http: SocketAddr,
     backend: Backend,
-    tls: Option<TlsFiles>,
+    Security {
+        grpc_tls: tls,
+        api: security,
+    }: Security<'_>,
     (experiments, evaluate_every): (Vec<Experiment>, Duration),
     judge_lag: Duration,
     retention_hours: u64,
 ) -> Result<()> {
+    // Settings first: a bad tokens file or certificate stops the start before any store work.
+    let tokens = security
+        .api_tokens
+        .as_deref()
+        .map(bakeoff_collector::api::auth::Tokens::load)
+        .transpose()?;
+    let http_tls = match (&security.http_tls_cert, &security.http_tls_key) {
+        (Some(cert), Some(key)) => Some(
+            bakeoff_collector::api::tls::server_config(
+                cert,
+                key,
+                security.http_client_ca.as_deref(),
+            )
+            .context("bad TLS settings for the HTTP API")?,
+        ),
+        _ => None,
+    };
+    let access = Arc::new(Access::new(
+        tokens.clone(),
+        security.http_client_ca.is_some(),
+    ));
+    if access.is_open() {
+        tracing::warn!(
+            %http,
+            %grpc,
+            "the query API (HTTP and gRPC Query) is unauthenticated: anyone who can reach it \
+             reads raw events (paths, peers, user agents); protect it with --api-tokens FILE \
+             and/or --http-tls-cert/--http-tls-key/--http-client-ca"
+        );
+    } else {
+        let (read, full) = tokens.as_ref().map(|t| t.counts()).unwrap_or_default();
+        tracing::info!(
+            read_tokens = read,
+            full_tokens = full,
+            client_certificates = security.http_client_ca.is_some(),
+            "query API authentication on (/healthz and /metrics stay open)"
+        );
+        if tokens.is_some() && http_tls.is_none() {
+            tracing::warn!(%http, "API tokens travel in clear text: the HTTP API has no TLS (--http-tls-cert)");
+        }
+        if tokens.is_some() && tls.is_none() {
+            tracing::warn!(%grpc, "API tokens travel in clear text to the gRPC Query service: the gRPC port has no TLS (--tls-cert)");
+        }
+    }
     let store = backend.open()?;
     let live = Arc::new(Live::new(store.clone(), judge_lag));
     // Rebuild the judge's state from what is stored before taking new events.
@@ -550,6 +745,7 @@ fn serve(
             stats: stats.clone(),
             metrics: Arc::new(bakeoff_collector::metrics::registry(stats.clone())),
             verdicts: verdicts.clone(),
+            access: access.clone(),
         });
         if !experiments.is_empty() {
             tracing::info!(
@@ -576,6 +772,8 @@ fn serve(
             store = backend.describe(),
             tls = tls.is_some(),
             mutual_tls = tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+            http_tls = http_tls.is_some(),
+            http_mutual_tls = http_tls.is_some() && security.http_client_ca.is_some(),
             "collector ready"
         );
         if retention_hours > 0 {
@@ -600,18 +798,36 @@ fn serve(
         }
         let grpc_server = grpc_builder
             .add_service(ingest)
-            .add_service(QueryServer::new(QueryService::new(
-                store.clone(),
-                live.clone(),
-            )))
+            .add_service(QueryServer::new(
+                QueryService::new(store.clone(), live.clone()).with_access(access.clone()),
+            ))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
                 shutdown(),
             );
-        let http_server = axum::serve(http_listener, app).with_graceful_shutdown(shutdown());
+        let http_server = async move {
+            match http_tls {
+                Some(config) => {
+                    let listener = TlsListener::new(http_listener, config)
+                        .context("cannot start the HTTP API's TLS listener")?;
+                    axum::serve(
+                        listener,
+                        app.into_make_service_with_connect_info::<TlsPeer>(),
+                    )
+                    .with_graceful_shutdown(shutdown())
+                    .await
+                }
+                None => {
+                    axum::serve(http_listener, app)
+                        .with_graceful_shutdown(shutdown())
+                        .await
+                }
+            }
+            .context("HTTP server failed")
+        };
         tokio::try_join!(
             async { grpc_server.await.context("gRPC server failed") },
-            async { http_server.await.context("HTTP server failed") },
+            http_server,
         )?;
         tracing::info!("collector stopped");
         anyhow::Ok(())
@@ -630,7 +846,7 @@ async fn shutdown() {
 }
 
 fn events(
-    api: &str,
+    api: &ApiClient,
     filters: &[String],
     group_by: Option<&str>,
     limit: usize,
@@ -642,7 +858,7 @@ fn events(
     } else {
         "events"
     };
-    let mut req = ureq::get(&format!("{}/api/v1/{path}", api.trim_end_matches('/')));
+    let mut req = api.get(&format!("/api/v1/{path}"));
     for f in filters {
         if let Some((k, v)) = f.split_once('=') {
             req = req.query(k, v);
@@ -653,9 +869,7 @@ fn events(
     } else {
         req = req.query("limit", limit.to_string());
     }
-    let mut resp = req
-        .call()
-        .with_context(|| format!("cannot query the collector at {api}"))?;
+    let mut resp = send(req, "events", &api.base)?;
     let body: serde_json::Value = resp
         .body_mut()
         .read_json()
@@ -724,21 +938,20 @@ fn group_table(by: &str, rows: &[GroupRow]) -> String {
 
 /// Fetches (and with `watch`, re-fetches) the verdict; returns the exit code.
 fn verdict(
-    api: &str,
+    api: &ApiClient,
     query: &[(&str, String)],
     watch: Option<f64>,
     timeout: f64,
     json: bool,
     all: bool,
 ) -> Result<i32> {
-    let url = format!("{}/api/v1/verdict", api.trim_end_matches('/'));
     let deadline = std::time::Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
     loop {
-        let mut req = ureq::get(&url);
+        let mut req = api.get("/api/v1/verdict");
         for (k, v) in query {
             req = req.query(*k, v);
         }
-        let v = fetch_verdict(req, api)?;
+        let v = fetch_verdict(req, &api.base)?;
         if json {
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
@@ -767,21 +980,8 @@ fn fetch_verdict(
     req: ureq::RequestBuilder<ureq::typestate::WithoutBody>,
     api: &str,
 ) -> Result<VerdictResponse> {
-    let mut resp = req
-        .config()
-        .http_status_as_error(false)
-        .build()
-        .call()
-        .with_context(|| format!("cannot get the verdict from {api}"))?;
-    let status = resp.status();
-    if !status.is_success() {
-        let body: serde_json::Value = resp.body_mut().read_json().unwrap_or_default();
-        bail!(
-            "the collector answered {status}: {}",
-            body["error"].as_str().unwrap_or("(no reason given)")
-        );
-    }
-    resp.body_mut()
+    send(req, "the verdict", api)?
+        .body_mut()
         .read_json()
         .context("the collector's verdict is not the JSON this client expects")
 }
@@ -942,23 +1142,22 @@ fn verdict_table(r: &VerdictResponse, all: bool) -> String {
 
 /// Fetches the report page and writes it to `output`.
 fn report(
-    api: &str,
+    api: &ApiClient,
     experiment: &str,
     baseline: &str,
     canary: &str,
     judge: &JudgeArgs,
     output: &std::path::Path,
 ) -> Result<()> {
-    let mut req = ureq::get(&format!("{}/report", api.trim_end_matches('/')))
+    let mut req = api
+        .get("/report")
         .query("experiment", experiment)
         .query("baseline", baseline)
         .query("canary", canary);
     for (k, v) in judge.query() {
         req = req.query(k, v);
     }
-    let html = req
-        .call()
-        .with_context(|| format!("cannot get the report from {api}"))?
+    let html = send(req, "the report", &api.base)?
         .body_mut()
         .with_config()
         .limit(256 << 20)

@@ -1,4 +1,9 @@
 //! `bakeoff.v1.Query`: the HTTP JSON API's queries over gRPC, from the same store calls.
+//!
+//! With `--api-tokens`, each call needs `authorization: Bearer TOKEN` metadata: Verdict and
+//! Experiments a `read` (or `full`) token, Events and Groups a `full` one, as over HTTP. Client
+//! certificates do not count here: the gRPC port's client CA is the probes' (ingest), and a
+//! probe has no business reading other nodes' events.
 
 use std::sync::Arc;
 
@@ -10,6 +15,7 @@ use bakeoff_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::{
+    api::auth::{Access, Denied, Scope},
     live::{self, Live, VerdictError},
     query::{Filter, GroupRow},
     store::{Store, StoreError, StoredEvent},
@@ -84,11 +90,43 @@ pub fn verdict_to_proto(v: &Verdict) -> VerdictReply {
 pub struct QueryService {
     store: Arc<dyn Store>,
     live: Arc<Live>,
+    access: Arc<Access>,
 }
 
 impl QueryService {
+    /// Open to every caller; see `with_access`.
     pub fn new(store: Arc<dyn Store>, live: Arc<Live>) -> Self {
-        Self { store, live }
+        Self {
+            store,
+            live,
+            access: Arc::new(Access::open()),
+        }
+    }
+
+    /// Checks each call's bearer token against `access` (the HTTP API's tokens).
+    pub fn with_access(mut self, access: Arc<Access>) -> Self {
+        self.access = access;
+        self
+    }
+
+    /// The call's token allows `needed`, or the status saying why not.
+    fn allow<T>(&self, request: &Request<T>, needed: Scope) -> Result<(), Status> {
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes());
+        match self.access.check(authorization, false, needed) {
+            Ok(_) => Ok(()),
+            Err(d @ Denied::Scope { .. }) => Err(Status::permission_denied(d.to_string())),
+            Err(_) if !self.access.has_tokens() => Err(Status::unauthenticated(
+                "the Query service needs a bearer token and the collector has none \
+                 (--api-tokens); client certificates count on the HTTP API only",
+            )),
+            Err(Denied::Missing { .. }) => Err(Status::unauthenticated(
+                "authentication required: send `authorization: Bearer TOKEN` metadata",
+            )),
+            Err(d) => Err(Status::unauthenticated(d.to_string())),
+        }
     }
 }
 
@@ -187,8 +225,9 @@ pub fn to_proto(row: &StoredEvent) -> ProtoStoredEvent {
 impl Query for QueryService {
     async fn experiments(
         &self,
-        _: Request<ExperimentsRequest>,
+        request: Request<ExperimentsRequest>,
     ) -> Result<Response<GroupsReply>, Status> {
+        self.allow(&request, Scope::Read)?;
         let store = self.store.clone();
         let rows =
             run(move || store.group(&Filter::default(), &["experiment".into(), "cohort".into()]))
@@ -200,6 +239,7 @@ impl Query for QueryService {
         &self,
         request: Request<EventsRequest>,
     ) -> Result<Response<EventsReply>, Status> {
+        self.allow(&request, Scope::Full)?;
         let r = request.into_inner();
         let f = filter(r.selection)?;
         let limit = match r.limit {
@@ -217,6 +257,7 @@ impl Query for QueryService {
         &self,
         request: Request<VerdictRequest>,
     ) -> Result<Response<VerdictReply>, Status> {
+        self.allow(&request, Scope::Read)?;
         let r = request.into_inner();
         let or = |s: String, d: &str| if s.is_empty() { d.to_string() } else { s };
         let req = live::VerdictRequest {
@@ -252,6 +293,7 @@ impl Query for QueryService {
         &self,
         request: Request<GroupsRequest>,
     ) -> Result<Response<GroupsReply>, Status> {
+        self.allow(&request, Scope::Full)?;
         let r = request.into_inner();
         let f = filter(r.selection)?;
         let store = self.store.clone();

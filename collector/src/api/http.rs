@@ -15,18 +15,31 @@
 //! - `GET /report?experiment=E&baseline=B&canary=C`: the self-contained HTML report
 //! - `GET /metrics`: Prometheus (OpenMetrics text)
 //! - `GET /healthz`
+//!
+//! Access (`auth`): with `--api-tokens` or `--http-client-ca`, the verdict routes (verdict,
+//! experiments, configured verdicts, report, Flagger's webhook) need a `read` or `full` token
+//! and everything else under `/api/v1` (raw events, groups, endpoints, drilldown, ingest) a
+//! `full` one; a verified client certificate counts as `full`. `/healthz` and `/metrics` stay
+//! open: they carry no events (counters only) and their callers, kubelet probes and Prometheus,
+//! hold no tokens. Flagger cannot send headers, so its webhook may carry the token in its
+//! metadata instead (`token: ...`).
 
 use std::{collections::HashMap, sync::Arc, sync::atomic::Ordering};
 
 use axum::{
-    Json, Router,
-    extract::{Query, State, rejection::QueryRejection},
-    http::StatusCode,
+    Extension, Json, Router,
+    extract::{ConnectInfo, Query, Request, State, rejection::QueryRejection},
+    http::{StatusCode, header},
+    middleware::Next,
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 
 use crate::{
+    api::{
+        auth::{Access, Denied, Scope},
+        tls::TlsPeer,
+    },
     ingest::IngestStats,
     live::{Live, VerdictError, VerdictRequest, VerdictResponse},
     query::Filter,
@@ -43,23 +56,99 @@ pub struct ApiState {
     pub metrics: Arc<prometheus_client::registry::Registry>,
     /// Latest verdicts of the experiments configured with `--experiments`.
     pub verdicts: Arc<crate::experiments::Verdicts>,
+    /// Who may call what (`Access::open()` without `--api-tokens` and `--http-client-ca`).
+    pub access: Arc<Access>,
 }
 
 pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
+    let guard = |needed, token_in_body| {
+        axum::middleware::from_fn_with_state(
+            Guard {
+                access: state.access.clone(),
+                needed,
+                token_in_body,
+            },
+            require,
+        )
+    };
+    let read = Router::new()
         .route("/api/v1/experiments", get(experiments))
+        .route("/api/v1/verdict", get(verdict))
+        .route("/api/v1/experiments/verdicts", get(configured_verdicts))
+        .route("/report", get(report))
+        .route_layer(guard(Scope::Read, false));
+    let flagger = Router::new()
+        .route("/api/v1/flagger", post(flagger))
+        .route_layer(guard(Scope::Read, true));
+    let full = Router::new()
         .route("/api/v1/endpoints", get(endpoints))
         .route("/api/v1/events", get(events))
         .route("/api/v1/groups", get(groups))
         .route("/api/v1/ingest", get(ingest))
-        .route("/api/v1/verdict", get(verdict))
-        .route("/api/v1/experiments/verdicts", get(configured_verdicts))
         .route("/api/v1/drilldown", get(drill))
-        .route("/report", get(report))
-        .route("/api/v1/flagger", axum::routing::post(flagger))
+        .route_layer(guard(Scope::Full, false));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .merge(read)
+        .merge(flagger)
+        .merge(full)
         .with_state(state)
+}
+
+/// The access rule of a group of routes.
+#[derive(Clone)]
+struct Guard {
+    access: Arc<Access>,
+    needed: Scope,
+    /// Without an Authorization header, let the handler look for the token in the body.
+    token_in_body: bool,
+}
+
+/// Marks a request whose token is to be found in its body (Flagger's webhook).
+#[derive(Clone, Copy)]
+struct TokenInBody;
+
+/// Lets the request through if its bearer token or client certificate allows `needed`.
+async fn require(State(g): State<Guard>, mut req: Request, next: Next) -> Response {
+    let client_cert = req
+        .extensions()
+        .get::<ConnectInfo<TlsPeer>>()
+        .is_some_and(|c| c.0.client_cert);
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    match g.access.check(authorization, client_cert, g.needed) {
+        Ok(_) => next.run(req).await,
+        Err(Denied::Missing { .. }) if g.token_in_body => {
+            req.extensions_mut().insert(TokenInBody);
+            next.run(req).await
+        }
+        Err(d) => denied(d),
+    }
+}
+
+/// 401 with a Bearer challenge (RFC 6750) when the caller is unknown, 403 naming the scope
+/// needed when the token's scope is too narrow.
+fn denied(d: Denied) -> Response {
+    let (status, challenge) = match &d {
+        Denied::Missing { .. } => (StatusCode::UNAUTHORIZED, r#"Bearer realm="bakeoff""#.into()),
+        Denied::Malformed | Denied::UnknownToken => (
+            StatusCode::UNAUTHORIZED,
+            r#"Bearer realm="bakeoff", error="invalid_token""#.into(),
+        ),
+        Denied::Scope { needed, .. } => (
+            StatusCode::FORBIDDEN,
+            format!(r#"Bearer realm="bakeoff", error="insufficient_scope", scope="{needed}""#),
+        ),
+    };
+    (
+        status,
+        [(header::WWW_AUTHENTICATE, challenge)],
+        Json(serde_json::json!({ "error": d.to_string() })),
+    )
+        .into_response()
 }
 
 struct ApiError(StatusCode, String);
@@ -307,9 +396,23 @@ struct FlaggerHook {
 /// 412 when it fails, so Flagger counts a failed check and rolls back at its threshold.
 async fn flagger(
     State(s): State<ApiState>,
+    token_in_body: Option<Extension<TokenInBody>>,
     Json(hook): Json<FlaggerHook>,
 ) -> Result<Response, ApiError> {
     let mut m = hook.metadata;
+    // Flagger cannot send headers: its token comes in the metadata (never judged as a setting).
+    let token = m.remove("token");
+    if token_in_body.is_some() {
+        let checked = match &token {
+            Some(t) => s.access.check_token(t.as_bytes(), Scope::Read),
+            None => Err(Denied::Missing {
+                client_certs: false,
+            }),
+        };
+        if let Err(d) = checked {
+            return Ok(denied(d));
+        }
+    }
     let strict = m.remove("strict").is_some_and(|v| v == "true");
     m.entry("experiment".into()).or_insert(hook.name);
     // The same parameters as the verdict's query string, checked the same way.

@@ -1,4 +1,6 @@
-//! What the collector serves to people and tools.
+//! What the collector serves to people and tools, and who may call it.
 
+pub mod auth;
 pub mod grpc;
 pub mod http;
+pub mod tls;
