@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
 pub struct Pki {
@@ -54,5 +54,27 @@ impl Pki {
             rogue_cert: write("rogue.pem", &rogue_cert)?,
             rogue_key: write("rogue.key", &rogue_key)?,
         })
+    }
+}
+
+impl Pki {
+    /// An HTTPS client trusting only the test CA, presenting `identity` (certificate, key) if
+    /// given.
+    pub fn agent(&self, identity: Option<(&Path, &Path)>) -> Result<ureq::Agent> {
+        use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
+        let read = |p: &Path| std::fs::read(p).with_context(|| format!("read {}", p.display()));
+        let ca = Certificate::from_pem(&read(&self.ca)?)?;
+        let mut tls = TlsConfig::builder().root_certs(RootCerts::new_with_certs(&[ca]));
+        if let Some((cert, key)) = identity {
+            tls = tls.client_cert(Some(ClientCert::new_with_certs(
+                &[Certificate::from_pem(&read(cert)?)?],
+                PrivateKey::from_pem(&read(key)?)?,
+            )));
+        }
+        Ok(ureq::Agent::config_builder()
+            .tls_config(tls.build())
+            .http_status_as_error(false)
+            .build()
+            .new_agent())
     }
 }
