@@ -266,6 +266,11 @@ fn run(cli: Cli) -> Result<()> {
     if matches!(cli.command, Some(Command::Check)) {
         let mut findings =
             bakeoff_probe::preflight::host(config.payload_prefix, config.ring_buffer_bytes);
+        findings.extend(bakeoff_probe::preflight::capabilities(
+            &config.cohorts,
+            config.data_path,
+            cli.tls_plaintext,
+        ));
         match Cohorts::new(&config.cohorts, cgroup2_root()) {
             Ok(cohorts) => findings.extend(bakeoff_probe::preflight::cohorts(
                 &cohorts,

@@ -7,7 +7,11 @@ use std::path::Path;
 use crate::{
     cohort::{Cohorts, cgroup2_root, proc},
     config::{CohortRule, DataPath},
-    kernel::{Kernel, effective_caps},
+    kernel::{
+        Kernel,
+        privileges::{Cap, CapSet, Feature, Without, needs},
+        tracefs::{self, Tracefs},
+    },
 };
 
 /// How a finding weighs.
@@ -74,15 +78,23 @@ pub fn host(prefix: u32, ring_bytes: u32) -> Vec<Finding> {
             "no cgroup2 mount: cgroup rules and the cgroup data path cannot work",
         )
     });
-    let tracefs = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .into_iter()
-        .find(|p| Path::new(p).join("events").is_dir());
-    out.push(match tracefs {
-        Some(p) => finding("tracefs", Level::Ok, p),
-        None => finding(
+    out.push(match tracefs::find() {
+        Tracefs::Readable(p) => finding("tracefs", Level::Ok, p),
+        Tracefs::Denied {
+            path,
+            error,
+            mode,
+            uid,
+            gid,
+        } => finding(
+            "tracefs",
+            Level::Fail,
+            tracefs::denied_error(path, &error, mode, uid, gid).to_string(),
+        ),
+        Tracefs::Unmounted => finding(
             "tracefs",
             Level::Warn,
-            "not mounted: the probe will try to mount it",
+            "not mounted: the probe will try to mount it (which needs CAP_SYS_ADMIN)",
         ),
     });
     out.push(
@@ -92,43 +104,107 @@ pub fn host(prefix: u32, ring_bytes: u32) -> Vec<Finding> {
             finding("uprobes", Level::Warn, "unavailable: TLS cannot be decoded")
         },
     );
-    match effective_caps() {
+    out.push(match CapSet::effective() {
         Some(caps) => {
-            let names = [
-                (21, "CAP_SYS_ADMIN"),
-                (38, "CAP_PERFMON"),
-                (39, "CAP_BPF"),
-                (12, "CAP_NET_ADMIN"),
-                (19, "CAP_SYS_PTRACE"),
-                (2, "CAP_DAC_READ_SEARCH"),
-            ];
-            let has: Vec<&str> = names
-                .iter()
-                .filter(|(c, _)| caps & (1 << c) != 0)
-                .map(|(_, n)| *n)
+            // Every configuration loads programs and attaches the scheduler tracepoints.
+            let missing: Vec<&str> = [Cap::Bpf, Cap::Perfmon]
+                .into_iter()
+                .filter(|c| !caps.grants(*c))
+                .map(Cap::name)
                 .collect();
-            let enough = caps & (1 << 21) != 0 || (caps & (1 << 38) != 0 && caps & (1 << 39) != 0);
-            out.push(finding(
-                "capabilities",
-                if enough { Level::Ok } else { Level::Fail },
-                if has.is_empty() {
-                    "none of CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN".to_string()
-                } else {
-                    has.join(" ")
-                },
-            ));
+            let has = match caps.names() {
+                n if n.is_empty() => "none of those the probe uses".to_string(),
+                n => n.join(" "),
+            };
+            // SAFETY: getuid cannot fail.
+            let uid = unsafe { libc::getuid() };
+            if missing.is_empty() {
+                finding(
+                    "capabilities",
+                    Level::Ok,
+                    format!("uid {uid}, effective: {has}"),
+                )
+            } else {
+                finding(
+                    "capabilities",
+                    Level::Fail,
+                    format!(
+                        "uid {uid}, effective: {has}; missing {} (every data path needs them)",
+                        missing.join(" ")
+                    ),
+                )
+            }
         }
-        None => out.push(finding("capabilities", Level::Warn, "unknown")),
-    }
+        None => finding("capabilities", Level::Warn, "unknown"),
+    });
     out.push(match Kernel::load(prefix, ring_bytes) {
-        Ok(_) => finding(
-            "programs",
-            Level::Ok,
-            "every kernel program loads (verifier passed)",
-        ),
+        Ok(kernel) => match kernel.cgroup_path_refused() {
+            None => finding(
+                "programs",
+                Level::Ok,
+                "every kernel program loads (verifier passed)",
+            ),
+            Some(why) => finding(
+                "programs",
+                Level::Ok,
+                format!(
+                    "every kernel program loads (verifier passed) except the cgroup path's \
+                     cgroup/sock program: needs CAP_NET_ADMIN{why}"
+                ),
+            ),
+        },
         Err(e) => finding("programs", Level::Fail, e.to_string()),
     });
     out
+}
+
+/// The capabilities each data path (and the TLS uprobes) needs, which this process lacks and
+/// what that costs. A path the cohorts do not use is listed for information (ok): `used` are
+/// the paths the configuration needs.
+pub fn capabilities(rules: &[CohortRule], data_path: DataPath, tls: bool) -> Vec<Finding> {
+    let cgroup = data_path == DataPath::Auto && rules.iter().any(|r| r.is_cgroup_only());
+    let syscall = data_path == DataPath::Syscall || rules.iter().any(|r| !r.is_cgroup_only());
+    let caps = CapSet::effective();
+    [
+        (Feature::CgroupPath, cgroup),
+        (Feature::SyscallPath, syscall),
+        (Feature::Tls, tls),
+    ]
+    .into_iter()
+    .map(|(feature, used)| capability_finding(feature, used, caps))
+    .collect()
+}
+
+fn capability_finding(feature: Feature, used: bool, caps: Option<CapSet>) -> Finding {
+    let all = needs(feature);
+    let names: Vec<&str> = all.iter().map(|n| n.cap.name()).collect();
+    let mut text = format!("needs {}", names.join(" "));
+    let Some(caps) = caps else {
+        return finding(
+            format!("caps {}", feature.name()),
+            Level::Warn,
+            text + "; this process's are unknown",
+        );
+    };
+    let missing: Vec<_> = all.iter().filter(|n| !caps.grants(n.cap)).collect();
+    let mut level = Level::Ok;
+    for n in &missing {
+        let (weight, cost) = match n.without {
+            Without::Fails => (Level::Fail, "this path cannot work".to_string()),
+            Without::Degrades(lost) => (Level::Warn, lost.to_string()),
+        };
+        if used {
+            level = level.max(weight);
+        }
+        text.push_str(&format!("; missing {} ({}): {cost}", n.cap.name(), n.why));
+    }
+    if missing.is_empty() {
+        text.push_str(", all present");
+    }
+    if !used {
+        text.push_str(" [not used by this configuration]");
+    }
+    finding(format!("caps {}", feature.name()), level, text)
 }
 
 /// Which data path each configured cohort will use and how many processes it has now.
@@ -199,6 +275,40 @@ pub fn report(findings: &[Finding]) -> (String, i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_capability_fails_only_a_path_in_use() {
+        let bit = |c: Cap| 1u64 << c.number();
+        // Everything the syscall path needs, no CAP_NET_ADMIN.
+        let caps = CapSet(
+            bit(Cap::Bpf) | bit(Cap::Perfmon) | bit(Cap::DacReadSearch) | bit(Cap::SysPtrace),
+        );
+        let used = capability_finding(Feature::CgroupPath, true, Some(caps));
+        assert_eq!(used.level, Level::Fail, "{}", used.detail);
+        assert!(
+            used.detail.contains("missing CAP_NET_ADMIN"),
+            "{}",
+            used.detail
+        );
+        let unused = capability_finding(Feature::CgroupPath, false, Some(caps));
+        assert_eq!(unused.level, Level::Ok);
+        assert!(unused.detail.contains("not used"), "{}", unused.detail);
+        let syscall = capability_finding(Feature::SyscallPath, true, Some(caps));
+        assert_eq!(syscall.level, Level::Ok, "{}", syscall.detail);
+        let tls = capability_finding(Feature::Tls, true, Some(caps));
+        assert_eq!(tls.level, Level::Warn, "{}", tls.detail);
+        assert!(
+            tls.detail.contains("missing CAP_SYS_ADMIN"),
+            "{}",
+            tls.detail
+        );
+        // CAP_SYS_ADMIN passes the bpf() checks of CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN.
+        let admin = CapSet(bit(Cap::SysAdmin) | bit(Cap::DacReadSearch) | bit(Cap::SysPtrace));
+        for f in [Feature::CgroupPath, Feature::SyscallPath, Feature::Tls] {
+            let found = capability_finding(f, true, Some(admin));
+            assert_eq!(found.level, Level::Ok, "{f:?}: {}", found.detail);
+        }
+    }
 
     #[test]
     fn the_worst_finding_sets_the_exit_code() {

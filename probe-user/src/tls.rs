@@ -12,7 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::kernel::Kernel;
+use crate::kernel::{
+    Kernel,
+    privileges::{Cap, first_missing, is_denied, warn_denied},
+};
 
 /// Backoff of the re-checks of a process whose TLS library is not mapped (yet).
 const RECHECK_FIRST: Duration = Duration::from_millis(100);
@@ -98,10 +101,23 @@ impl TlsWatch {
     }
 
     fn check(&mut self, kernel: &mut Kernel, pid: u32) {
-        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
-            // Gone.
-            self.pending.remove(&pid);
-            return;
+        let maps = match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+            Ok(maps) => maps,
+            Err(e) => {
+                // Gone, or not ours to read.
+                if is_denied(&e) {
+                    self.stats.attach_errors += 1;
+                    warn_denied(
+                        first_missing(&[Cap::Perfmon, Cap::SysPtrace]),
+                        "reading /proc/<pid>/maps of",
+                        &format!("pid {pid}"),
+                        "TLS plaintext of processes of other users is not decoded",
+                        &e,
+                    );
+                }
+                self.pending.remove(&pid);
+                return;
+            }
         };
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
         let library = tls_library(&maps, exe.as_deref(), &mut self.static_exes);

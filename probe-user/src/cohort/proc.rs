@@ -6,6 +6,8 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
+use crate::kernel::privileges::{Cap, first_missing, is_denied, warn_denied};
+
 /// A process whose `/proc` entries are read on first use and remembered.
 pub struct LazyProcess {
     pid: u32,
@@ -34,7 +36,21 @@ impl LazyProcess {
         let pid = self.pid;
         let environ = self
             .environ
-            .get_or_insert_with(|| std::fs::read(format!("/proc/{pid}/environ")).ok())
+            .get_or_insert_with(|| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .inspect_err(|e| {
+                        if is_denied(e) {
+                            warn_denied(
+                                first_missing(&[Cap::DacReadSearch, Cap::SysPtrace]),
+                                "reading /proc/<pid>/environ of",
+                                &format!("pid {pid}"),
+                                "env rules do not match processes of other users",
+                                e,
+                            );
+                        }
+                    })
+                    .ok()
+            })
             .as_deref()?;
         environ.split(|&b| b == 0).find_map(|entry| {
             let (k, v) = entry.split_at(entry.iter().position(|&b| b == b'=')?);
@@ -59,6 +75,18 @@ impl LazyProcess {
 /// `/proc/<pid>/exe`, or `None` for kernel threads and vanished processes.
 pub fn exe_of(pid: u32) -> Option<String> {
     std::fs::read_link(format!("/proc/{pid}/exe"))
+        .inspect_err(|e| {
+            if is_denied(e) {
+                warn_denied(
+                    Cap::SysPtrace,
+                    "reading /proc/<pid>/exe of",
+                    &format!("pid {pid}"),
+                    "events of processes of other users carry no exe, and exe rules do not \
+                     match them",
+                    e,
+                );
+            }
+        })
         .ok()
         .map(|p| p.to_string_lossy().into_owned())
 }
@@ -140,16 +168,42 @@ pub fn established_sockets(pid: u32) -> Vec<SeedSocket> {
         .filter(|e| e.state == TCP_LISTEN)
         .map(|e| e.local.port())
         .collect();
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return Vec::new();
+    let fds = match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        Ok(fds) => fds,
+        Err(e) => {
+            if is_denied(&e) {
+                warn_denied(
+                    first_missing(&[Cap::DacReadSearch, Cap::SysPtrace]),
+                    "listing /proc/<pid>/fd of",
+                    &format!("pid {pid}"),
+                    "connections that processes of other users opened before the probe \
+                     started are not seen",
+                    &e,
+                );
+            }
+            return Vec::new();
+        }
     };
     let mut out = Vec::new();
     for fd in fds.flatten() {
         let Some(fd_num) = fd.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(target) = std::fs::read_link(fd.path()) else {
-            continue;
+        let target = match std::fs::read_link(fd.path()) {
+            Ok(t) => t,
+            Err(e) => {
+                if is_denied(&e) {
+                    warn_denied(
+                        Cap::SysPtrace,
+                        "reading /proc/<pid>/fd links of",
+                        &format!("pid {pid}"),
+                        "connections that processes of other users opened before the probe \
+                         started are not seen",
+                        &e,
+                    );
+                }
+                continue;
+            }
         };
         let target = target.to_string_lossy();
         let Some(inode) = target
@@ -193,6 +247,16 @@ pub fn peer_of(pid: u32, fd: u32) -> Option<SocketAddr> {
         )
     };
     if sock < 0 {
+        let e = std::io::Error::last_os_error();
+        if is_denied(&e) {
+            warn_denied(
+                Cap::SysPtrace,
+                "borrowing a socket with pidfd_getfd from",
+                &format!("pid {pid}"),
+                "peers of connections of other users' processes found mid-stream are unknown",
+                &e,
+            );
+        }
         return None;
     }
     let sock = unsafe { OwnedFd::from_raw_fd(sock as i32) };

@@ -1,5 +1,6 @@
 //! Loading, attaching and talking to the kernel programs.
 
+pub mod privileges;
 pub mod record;
 pub mod tracefs;
 
@@ -16,6 +17,7 @@ use aya::{
         trace_point::TracePointLinkId, uprobe::UProbeLinkId, uprobe::UProbeScope,
     },
 };
+use privileges::{Cap, CapSet};
 use probe_common::{SockInfo, SockKey, drop_reason, setting};
 
 /// The compiled kernel programs, built by `build.rs` from `probe-ebpf`.
@@ -76,12 +78,16 @@ const VERIFIER_TAIL: usize = 25;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
+    /// The kernel refused for lack of a capability: what was refused, the capability, the errno.
     #[error(
-        "missing privileges: loading eBPF programs needs CAP_BPF and CAP_PERFMON, and CAP_NET_ADMIN \
-         for the cgroup socket programs (or CAP_SYS_ADMIN); run bakeoff-probe as root or grant \
-         those capabilities ({detail})"
+        "missing privileges: {what} needs {caps}{detail}; `bakeoff-probe check` lists the \
+         capabilities of each data path"
     )]
-    Privileges { detail: String },
+    Privilege {
+        what: String,
+        caps: String,
+        detail: String,
+    },
     #[error(
         "tracefs is not available at /sys/kernel/tracing and could not be mounted ({0}); \
          mount it with `mount -t tracefs nodev /sys/kernel/tracing`"
@@ -144,6 +150,9 @@ pub struct Kernel {
     data_links: Vec<(String, TracePointLinkId)>,
     /// Cohort cgroup directories with the cgroup data path attached.
     cgroup_links: HashMap<PathBuf, CgroupLinks>,
+    /// Why the cgroup/sock program could not be loaded (a missing CAP_NET_ADMIN): the cgroup
+    /// path cannot be attached.
+    cgroup_refused: Option<String>,
     /// TLS uprobes per process: (program, link).
     tls_links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
 }
@@ -167,24 +176,26 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
 impl Kernel {
     /// Loads every program (so a verifier rejection shows at start) and attaches the scheduler
     /// hooks. `prefix` is the payload prefix; `ring_bytes` the ring buffer size.
+    ///
+    /// Without CAP_NET_ADMIN the cgroup/sock program cannot be loaded: the probe still starts
+    /// (the syscall path does not need it), and attaching the cgroup path fails naming it.
     pub fn load(prefix: u32, ring_bytes: u32) -> Result<Self, KernelError> {
         check_privileges()?;
-        tracefs::ensure_mounted().map_err(KernelError::Tracefs)?;
-        raise_memlock();
+        tracefs::ensure_mounted()?;
+        let memlock_raised = raise_memlock();
         let mut ebpf = EbpfLoader::new()
             .override_global("PREFIX_LEN", &prefix, true)
             .map_max_entries("EVENTS", ring_bytes)
             .load(PROGRAMS)
             .map_err(|e| match &e {
                 aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
-                    if io_error.kind() == io::ErrorKind::PermissionDenied =>
+                    if privileges::is_denied(io_error) =>
                 {
-                    KernelError::Privileges {
-                        detail: e.to_string(),
-                    }
+                    map_create_denied(io_error, memlock_raised)
                 }
                 _ => KernelError::Load(e),
             })?;
+        let mut cgroup_refused = None;
         let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
         for name in names {
             let program_err = |source| KernelError::Program {
@@ -194,25 +205,33 @@ impl Kernel {
             let prog = ebpf
                 .program_mut(&name)
                 .ok_or(KernelError::Missing("program"))?;
-            let loaded = match name.as_str() {
+            let (loaded, cap) = match name.as_str() {
                 SEGMENT_INGRESS | SEGMENT_EGRESS => {
                     let p: &mut CgroupSkb = prog.try_into().map_err(program_err)?;
-                    p.load()
+                    (p.load(), Cap::Bpf)
                 }
                 SOCKET_RELEASE => {
                     let p: &mut CgroupSock = prog.try_into().map_err(program_err)?;
-                    p.load()
+                    (p.load(), Cap::NetAdmin)
                 }
                 n if n.starts_with("ssl_") => {
                     let p: &mut UProbe = prog.try_into().map_err(program_err)?;
-                    p.load()
+                    (p.load(), Cap::Perfmon)
                 }
                 _ => {
                     let p: &mut TracePoint = prog.try_into().map_err(program_err)?;
-                    p.load()
+                    (p.load(), Cap::Perfmon)
                 }
             };
-            loaded.map_err(|source| load_error(&name, source))?;
+            match loaded.map_err(|source| load_error(&name, cap, source)) {
+                Ok(()) => {}
+                // Only the cgroup path needs it: refused when that path is attached.
+                Err(KernelError::Privilege { what, caps, detail }) if name == SOCKET_RELEASE => {
+                    tracing::debug!(%what, %caps, %detail, "cgroup path unavailable");
+                    cgroup_refused = Some(detail);
+                }
+                Err(e) => return Err(e),
+            }
         }
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(KernelError::Missing(name))
@@ -235,6 +254,7 @@ impl Kernel {
             settings,
             data_links: Vec::new(),
             cgroup_links: HashMap::new(),
+            cgroup_refused,
             tls_links: HashMap::new(),
         };
         for hook in SCHED_HOOKS {
@@ -256,11 +276,31 @@ impl Kernel {
         &mut self,
         &(program, category, name): &(&str, &str, &str),
     ) -> Result<TracePointLinkId, KernelError> {
-        let attach_err = |source| KernelError::Attach {
-            program: program.to_string(),
-            category: category.to_string(),
-            name: name.to_string(),
-            source: Box::new(source),
+        let attach_err = |source: ProgramError| {
+            if let Some(denied) = denied_io(&source) {
+                // The id file in tracefs, or the perf event (CPU-wide, so CAP_PERFMON).
+                let (what, cap) = match &source {
+                    ProgramError::TracePointError(_) => (
+                        format!("reading the id of tracepoint {category}/{name} in tracefs"),
+                        Cap::DacReadSearch,
+                    ),
+                    _ => (
+                        format!("opening a CPU-wide perf event on tracepoint {category}/{name}"),
+                        Cap::Perfmon,
+                    ),
+                };
+                return KernelError::Privilege {
+                    what,
+                    caps: cap.name().into(),
+                    detail: privileges::detail(cap, denied),
+                };
+            }
+            KernelError::Attach {
+                program: program.to_string(),
+                category: category.to_string(),
+                name: name.to_string(),
+                source: Box::new(source),
+            }
         };
         let prog: &mut TracePoint = self
             .ebpf
@@ -344,13 +384,43 @@ impl Kernel {
         }
     }
 
+    /// Why the cgroup data path cannot be attached (its cgroup/sock program was refused for
+    /// lack of CAP_NET_ADMIN), if so.
+    pub fn cgroup_path_refused(&self) -> Option<&str> {
+        self.cgroup_refused.as_deref()
+    }
+
     /// Cohort cgroups the cgroup data path is attached to.
     pub fn cgroup_path_dirs(&self) -> usize {
         self.cgroup_links.len()
     }
 
     fn attach_cgroup(&mut self, dir: &Path) -> Result<(), KernelError> {
+        if let Some(detail) = &self.cgroup_refused {
+            return Err(KernelError::Privilege {
+                what: format!(
+                    "the cgroup data path on {} (loading its cgroup/sock program `{SOCKET_RELEASE}`)",
+                    dir.display()
+                ),
+                caps: Cap::NetAdmin.name().into(),
+                detail: format!(
+                    "{detail}; or watch these cohorts through syscall tracepoints \
+                     (`--data-path syscall`)"
+                ),
+            });
+        }
         let attach_err = |source: ProgramError| {
+            let lacks_net_admin =
+                CapSet::effective().is_some_and(|caps| !caps.grants(Cap::NetAdmin));
+            if let Some(denied) = denied_io(&source)
+                && lacks_net_admin
+            {
+                return KernelError::Privilege {
+                    what: format!("attaching the cgroup programs to {}", dir.display()),
+                    caps: Cap::NetAdmin.name().into(),
+                    detail: privileges::detail(Cap::NetAdmin, denied),
+                };
+            }
             let busy = matches!(&source, ProgramError::SyscallError(e)
                 if matches!(e.io_error.raw_os_error(), Some(libc::EEXIST | libc::EPERM | libc::EBUSY)));
             KernelError::AttachCgroup {
@@ -449,6 +519,19 @@ impl Kernel {
         let Some(scope) = std::num::NonZeroU32::new(pid).map(UProbeScope::OneProcess) else {
             return Ok(0);
         };
+        // Reached through /proc/<pid>/root: a process of another user needs CAP_SYS_PTRACE.
+        if let Err(e) = std::fs::File::open(library)
+            && privileges::is_denied(&e)
+        {
+            return Err(KernelError::Privilege {
+                what: format!(
+                    "opening the TLS library {} of pid {pid} (through /proc/<pid>/root)",
+                    library.display()
+                ),
+                caps: Cap::SysPtrace.name().into(),
+                detail: privileges::detail(Cap::SysPtrace, &e),
+            });
+        }
         let mut links = Vec::new();
         let mut result = Ok(());
         for (i, &(function, entry)) in TLS_FUNCTIONS.iter().enumerate() {
@@ -463,6 +546,10 @@ impl Kernel {
             });
             if let Err(source) = attached {
                 // The `_ex` forms and the handshake are optional (older libraries lack them).
+                if let Some(denied) = denied_io(&source) {
+                    result = Err(uprobe_denied(function, library, pid, denied));
+                    break;
+                }
                 if i < 2 {
                     result = Err(KernelError::AttachTls {
                         function,
@@ -594,18 +681,29 @@ impl Kernel {
     }
 }
 
-/// Turns a load failure into a clear error: privileges, or the verifier's own words.
-fn load_error(program: &str, source: ProgramError) -> KernelError {
+/// Turns a load failure into a clear error: the capability the program type needs (`cap`), or
+/// the verifier's own words.
+fn load_error(program: &str, cap: Cap, source: ProgramError) -> KernelError {
     match source {
         ProgramError::LoadError {
             io_error,
             verifier_log,
         } => {
-            if io_error.kind() == io::ErrorKind::PermissionDenied
-                && verifier_log.to_string().trim().is_empty()
-            {
-                return KernelError::Privileges {
-                    detail: format!("loading `{program}`: {io_error}"),
+            if privileges::is_denied(&io_error) && verifier_log.to_string().trim().is_empty() {
+                let kind = match cap {
+                    Cap::NetAdmin => "cgroup/sock program",
+                    Cap::Perfmon => "tracing program",
+                    _ => "program",
+                };
+                // Without CAP_BPF nothing loads: name it rather than the program type's own.
+                let cap = match CapSet::effective() {
+                    Some(caps) if !caps.grants(Cap::Bpf) => Cap::Bpf,
+                    _ => cap,
+                };
+                return KernelError::Privilege {
+                    what: format!("loading the {kind} `{program}`"),
+                    caps: cap.name().into(),
+                    detail: privileges::detail(cap, &io_error),
                 };
             }
             KernelError::Verifier {
@@ -621,51 +719,145 @@ fn load_error(program: &str, source: ProgramError) -> KernelError {
     }
 }
 
+/// The errno of a refusal (EPERM, EACCES) somewhere in an aya error, if that is what it is.
+fn denied_io(e: &ProgramError) -> Option<&io::Error> {
+    if let ProgramError::LoadError { io_error, .. } = e {
+        return privileges::is_denied(io_error).then_some(io_error);
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return privileges::is_denied(io).then_some(io);
+        }
+        if let Some(sys) = err.downcast_ref::<aya::sys::SyscallError>() {
+            return privileges::is_denied(&sys.io_error).then_some(&sys.io_error);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// A uprobe the kernel refused: `perf_event_open` of a uprobe needs CAP_SYS_ADMIN (Linux 6.16
+/// and the stable kernels of July 2025 on; CAP_PERFMON before).
+fn uprobe_denied(function: &str, library: &Path, pid: u32, errno: &io::Error) -> KernelError {
+    KernelError::Privilege {
+        what: format!(
+            "attaching a uprobe to {function} in {} for pid {pid} (perf_event_open of a uprobe)",
+            library.display()
+        ),
+        caps: Cap::SysAdmin.name().into(),
+        detail: format!(
+            "{} on Linux 6.16 and later, and the stable kernels since July 2025 (CAP_PERFMON \
+             before); TLS plaintext of this process will not be decoded",
+            privileges::detail(Cap::SysAdmin, errno)
+        ),
+    }
+}
+
 /// The last `n` non-empty lines of a verifier log.
 pub fn log_tail(log: &str, n: usize) -> String {
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Capabilities in the effective set, from `/proc/self/status`.
 /// The effective capability set of this process (`CapEff` in `/proc/self/status`).
 pub fn effective_caps() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-    u64::from_str_radix(hex.trim(), 16).ok()
+    CapSet::effective().map(|c| c.0)
 }
 
+/// Before anything is loaded: CAP_BPF and CAP_PERFMON, which every configuration needs (the
+/// scheduler hooks are tracepoints), named with what they are for.
 fn check_privileges() -> Result<(), KernelError> {
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_PERFMON: u32 = 38;
-    const CAP_BPF: u32 = 39;
-    let Some(caps) = effective_caps() else {
+    let Some(caps) = CapSet::effective() else {
         return Ok(()); // unknown: let the kernel decide
     };
-    let has = |c: u32| caps & (1 << c) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+    let missing: Vec<(Cap, &str)> = [
+        (Cap::Bpf, "bpf(): the maps and programs"),
+        (
+            Cap::Perfmon,
+            "the tracepoint programs and their CPU-wide perf events",
+        ),
+    ]
+    .into_iter()
+    .filter(|(c, _)| !caps.grants(*c))
+    .collect();
+    if missing.is_empty() {
         return Ok(());
     }
-    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
-        .into_iter()
-        .filter(|(c, _)| !has(*c))
-        .map(|(_, n)| n)
+    let names: Vec<String> = missing
+        .iter()
+        .map(|(c, why)| format!("{} ({why})", c.name()))
         .collect();
-    Err(KernelError::Privileges {
-        detail: format!("this process lacks {}", missing.join(" and ")),
+    let has = caps.names();
+    Err(KernelError::Privilege {
+        what: "loading the kernel programs".into(),
+        caps: names.join(" and "),
+        detail: format!(
+            ": this process lacks {}; it has {}",
+            missing
+                .iter()
+                .map(|(c, _)| c.name())
+                .collect::<Vec<_>>()
+                .join(" and "),
+            if has.is_empty() {
+                "none of them".to_string()
+            } else {
+                has.join(" ")
+            }
+        ),
     })
 }
 
-/// Older kernels charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.
-fn raise_memlock() {
+/// A map the kernel would not create: CAP_BPF, or before Linux 5.11 (which charged maps to
+/// RLIMIT_MEMLOCK) the limit that could not be raised without CAP_SYS_RESOURCE.
+fn map_create_denied(io_error: &io::Error, memlock_raised: bool) -> KernelError {
+    let caps = CapSet::effective();
+    let cap = if !memlock_raised
+        && privileges::kernel_before(5, 11)
+        && caps.is_some_and(|c| c.grants(Cap::Bpf))
+    {
+        Cap::SysResource
+    } else {
+        Cap::Bpf
+    };
+    KernelError::Privilege {
+        what: if cap == Cap::SysResource {
+            "creating the BPF maps (kernels before 5.11 charge them to RLIMIT_MEMLOCK, which \
+             could not be raised)"
+                .into()
+        } else {
+            "creating the BPF maps".into()
+        },
+        caps: cap.name().into(),
+        detail: privileges::detail(cap, io_error),
+    }
+}
+
+/// Older kernels charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it. Whether the limit is
+/// unlimited now (raising it needs CAP_SYS_RESOURCE unless the hard limit allows it).
+fn raise_memlock() -> bool {
     let rlim = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: plain syscall with a valid pointer.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        tracing::debug!("could not raise RLIMIT_MEMLOCK");
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } == 0 {
+        return true;
     }
+    let mut now = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    let unlimited = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut now) } == 0
+        && now.rlim_cur == libc::RLIM_INFINITY;
+    if !unlimited {
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK (needs CAP_SYS_RESOURCE; only kernels before 5.11 \
+             use it for BPF maps)"
+        );
+    }
+    unlimited
 }
 
 #[cfg(test)]
@@ -680,6 +872,7 @@ mod tests {
             .join("\n");
         let err = load_error(
             "sys_exit_data",
+            Cap::Perfmon,
             ProgramError::LoadError {
                 io_error: io::Error::from_raw_os_error(libc::EACCES),
                 verifier_log: aya_obj::VerifierLog::new(log + "\n\n"),
