@@ -105,6 +105,8 @@ struct Storing {
     late: u64,
     latest: Option<u64>,
     started: std::time::Instant,
+    /// Holds the judge back while the batch is on its way (dropped with the batch).
+    _in_flight: Option<crate::live::InFlight>,
 }
 
 /// A stream's batches between the probe and the store, in sequence order: at most one decoded
@@ -355,9 +357,8 @@ impl Ingest for IngestService {
                                 latest = latest.max(Some(end));
                                 earliest = earliest.min(end);
                             }
-                            if latest.is_some() {
-                                live.receiving(&probe, earliest);
-                            }
+                            let in_flight =
+                                latest.is_some().then(|| live.receiving(&probe, earliest));
                             submitted = batch.sequence;
                             pipeline.push(
                                 Storing {
@@ -366,6 +367,7 @@ impl Ingest for IngestService {
                                     late,
                                     latest,
                                     started: std::time::Instant::now(),
+                                    _in_flight: in_flight,
                                 },
                                 batch.events,
                             );

@@ -10,7 +10,10 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -54,13 +57,26 @@ pub struct Live {
     pub lag: Duration,
     /// Per probe: the latest request end it sent, and when it last sent a batch.
     frontiers: Mutex<HashMap<String, (u64, Instant)>>,
+    /// Per probe: batches received and not yet stored or failed. A probe with one is never
+    /// idle: its stream may wait for room in the store's queue for longer than `PROBE_IDLE`.
+    in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
     /// With no probe of ours sending: the store's latest request end, and since when it is.
     stored_frontier: Mutex<Option<(u64, Instant)>>,
     started: Instant,
 }
 
+/// A batch received and not yet stored (see `Live::receiving`).
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A probe that sent nothing (batch or health report; health comes every 2 s) for this long no
-/// longer holds back closing.
+/// longer holds back closing, unless a batch of it is still on its way into the store.
 const PROBE_IDLE: Duration = Duration::from_secs(5);
 /// With no probe of ours sending, the wall clock closes seconds once the store's latest request
 /// has not moved for this long (time for probes to reconnect after a restart and replay their
@@ -83,6 +99,7 @@ impl Live {
             store,
             lag,
             frontiers: Mutex::default(),
+            in_flight: Mutex::default(),
             stored_frontier: Mutex::default(),
             started: Instant::now(),
         }
@@ -103,13 +120,22 @@ impl Live {
     /// ending at `earliest_end_ns`: a probe not seen before holds closing back from there until
     /// its batches are stored (the store may commit them a second later), and a probe sending
     /// is not idle even while its acks wait for a group commit.
-    pub fn receiving(&self, probe: &str, earliest_end_ns: u64) {
+    /// The returned guard marks the batch in flight until it is dropped (stored, failed or
+    /// abandoned with its stream).
+    pub fn receiving(&self, probe: &str, earliest_end_ns: u64) -> InFlight {
         if let Ok(mut f) = self.frontiers.lock() {
             let e = f
                 .entry(probe.to_string())
                 .or_insert((earliest_end_ns, Instant::now()));
             e.1 = Instant::now();
         }
+        let count = self
+            .in_flight
+            .lock()
+            .map(|mut m| m.entry(probe.to_string()).or_default().clone())
+            .unwrap_or_default();
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count)
     }
 
     /// A probe reported nothing queued: it has sent every request that ended before about now.
@@ -132,8 +158,18 @@ impl Live {
     /// close too. Never past the wall clock.
     fn watermark(&self) -> Result<u64, StoreError> {
         let now = now_ns();
+        let busy: Vec<String> = self
+            .in_flight
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, n)| n.load(Ordering::Relaxed) > 0)
+                    .map(|(p, _)| p.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
         let slowest = self.frontiers.lock().ok().and_then(|mut f| {
-            f.retain(|_, (_, seen)| seen.elapsed() < PROBE_IDLE);
+            f.retain(|p, (_, seen)| seen.elapsed() < PROBE_IDLE || busy.contains(p));
             f.values().map(|(end, _)| *end).min()
         });
         let frontier = match slowest {
@@ -314,4 +350,52 @@ pub struct VerdictResponse {
     pub canary: String,
     #[serde(flatten)]
     pub verdict: Verdict,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::duckdb::DuckDbStore;
+    use bakeoff_proto::v1::RequestEvent;
+
+    /// A probe whose batch waits for the store longer than `PROBE_IDLE` (backpressure) still
+    /// holds closing back: else its requests would land in seconds already read, neither
+    /// judged nor counted late.
+    #[test]
+    fn a_probe_with_a_batch_in_flight_is_not_idle() {
+        let path = std::env::temp_dir().join(format!("bakeoff-live-{}.duckdb", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let store = Arc::new(DuckDbStore::open(&path).unwrap());
+        let now = now_ns();
+        let (t0, t1) = (now - 10 * SECOND_NS, now - 5 * SECOND_NS);
+        // Another probe's request, stored: the store's latest end.
+        let event = RequestEvent {
+            experiment: "e".into(),
+            cohort: "c".into(),
+            method: "GET".into(),
+            path: "/".into(),
+            start_unix_ns: t1 - 1_000,
+            duration_ns: 1_000,
+            ..RequestEvent::default()
+        };
+        store.append("other", 1, &[event]).unwrap();
+        let live = Live::new(store, Duration::from_secs(1));
+        live.stored("p", t0);
+        let batch = live.receiving("p", t0 + 1);
+        std::thread::sleep(PROBE_IDLE + Duration::from_millis(300));
+        assert_eq!(
+            live.watermark().unwrap(),
+            t0 - SECOND_NS,
+            "held by the batch in flight"
+        );
+        drop(batch);
+        assert_eq!(
+            live.watermark().unwrap(),
+            t1 - SECOND_NS,
+            "idle without a batch: the store's latest request"
+        );
+        drop(live);
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(path.with_extension("duckdb.wal"));
+    }
 }
