@@ -32,6 +32,13 @@ impl ProbeRun {
     /// Starts the probe with `args` (cohort rules, data path...) writing into `dir`, and waits
     /// until it is watching.
     pub fn start(dir: &Path, args: &[String]) -> Result<Self> {
+        Self::start_wrapped(dir, &[], args)
+    }
+
+    /// Like [`ProbeRun::start`], with the probe run by `wrapper` (e.g. `setpriv --reuid ...`,
+    /// which execs it: the pid stays the probe's). A probe that exits before it is ready is an
+    /// error carrying its log.
+    pub fn start_wrapped(dir: &Path, wrapper: &[String], args: &[String]) -> Result<Self> {
         let (out, log, stats, ready) = (
             dir.join("events.jsonl"),
             dir.join("probe.log"),
@@ -41,10 +48,18 @@ impl ProbeRun {
         for f in [&out, &stats, &ready] {
             let _ = std::fs::remove_file(f);
         }
-        let guard = Guard::spawn(
+        let probe = bin("bakeoff-probe")?;
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&probe);
+                c
+            }
+            None => Command::new(&probe),
+        };
+        let mut guard = Guard::spawn(
             "bakeoff-probe",
-            Command::new(bin("bakeoff-probe")?)
-                .args(args)
+            cmd.args(args)
                 .arg("--output")
                 .arg(&out)
                 .arg("--ready-file")
@@ -54,7 +69,17 @@ impl ProbeRun {
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log)?),
         )?;
-        wait_for("probe ready", Duration::from_secs(60), || ready.exists())?;
+        let mut exited = None;
+        wait_for("probe ready", Duration::from_secs(60), || {
+            exited = guard.child.try_wait().ok().flatten();
+            ready.exists() || exited.is_some()
+        })?;
+        if let Some(status) = exited
+            && !ready.exists()
+        {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            anyhow::bail!("the probe exited with {status} before it was ready: {text}");
+        }
         Ok(Self {
             guard,
             out,
