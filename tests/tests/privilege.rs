@@ -390,6 +390,78 @@ fn syscall_path_runs_as_nobody_with_its_minimal_capabilities() -> Result<()> {
     data_path_with_least_privilege("syscall", SYSCALL_SET)
 }
 
+/// Kubernetes gives a non-root container no ambient capabilities: `capabilities.add` only
+/// leaves them in its bounding set, and the kernel clears the effective set at `exec`. The
+/// image's binary then carries file capabilities: `+p` (permitted, no effective bit) for the
+/// largest set (TLS's CAP_SYS_ADMIN included), which each pod's bounding set trims, and the
+/// probe makes them effective itself (with `+ep` the `exec` fails with EPERM when the bounding
+/// set lacks one). Here setpriv leaves only a bounding set, as a container runtime does.
+#[test]
+fn file_capabilities_start_the_probe_with_only_a_bounding_set() -> Result<()> {
+    preconditions()?;
+    let _serial = serial();
+    let dir = scratch("privilege-filecaps")?;
+    let probe = dir.join("bakeoff-probe");
+    std::fs::copy(bin("bakeoff-probe")?, &probe)?;
+    let out = Command::new("setcap")
+        .arg("cap_bpf,cap_perfmon,cap_net_admin,cap_dac_read_search,cap_sys_ptrace,cap_sys_admin+p")
+        .arg(&probe)
+        .output()
+        .context("setcap (libcap2-bin) is needed")?;
+    ensure!(
+        out.status.success(),
+        "setcap: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cg = Cgroup::create(&format!("bakeoff-it-priv-fcaps-{}", std::process::id()))?;
+    let (server, port) = cg.spawn_test_server("")?;
+    let bounding = std::iter::once("-all".to_string())
+        .chain(CGROUP_SET.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    // setpriv execs sh (no capabilities at all), which execs the copy with file capabilities;
+    // the path ProbeRun appends is dropped by `shift`.
+    let wrapper: Vec<String> = [
+        "setpriv",
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
+        "--inh-caps",
+        "-all",
+        "--bounding-set",
+        &bounding,
+        "sh",
+        "-c",
+        &format!("shift; exec {} \"$@\"", probe.display()),
+        "sh",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let args = vec![
+        "--cohort".to_string(),
+        format!("canary=cgroup:{}", cg.path().display()),
+    ];
+    let run = ProbeRun::start_wrapped(&dir, &wrapper, &args)?;
+    check_credentials(run.pid(), CGROUP_SET)?;
+    let (on_early, fresh) = traffic(port, Conn::connect(port)?, "fcaps")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let result = run.stop()?;
+    let exe = std::fs::canonicalize(bin("bakeoff-testserver")?)?
+        .display()
+        .to_string();
+    check_exact(
+        on_early.iter().chain(&fresh),
+        &result.events,
+        server.pid(),
+        &exe,
+        "file capabilities",
+    )?;
+    Ok(())
+}
+
 /// `bakeoff-probe check` as nobody says which capabilities each data path needs and which are
 /// missing: with the syscall path's set, the cgroup path fails for CAP_NET_ADMIN; with the
 /// cgroup path's set all is well.

@@ -180,6 +180,9 @@ impl Kernel {
     /// Without CAP_NET_ADMIN the cgroup/sock program cannot be loaded: the probe still starts
     /// (the syscall path does not need it), and attaching the cgroup path fails naming it.
     pub fn load(prefix: u32, ring_bytes: u32) -> Result<Self, KernelError> {
+        if let Err(e) = privileges::raise_permitted() {
+            tracing::debug!(error = %e, "could not make the permitted capabilities effective");
+        }
         check_privileges()?;
         tracefs::ensure_mounted()?;
         let memlock_raised = raise_memlock();

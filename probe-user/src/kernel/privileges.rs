@@ -212,6 +212,48 @@ pub fn needs(feature: Feature) -> &'static [Need] {
     }
 }
 
+/// Makes the permitted capabilities effective. A non-root container gets no ambient
+/// capabilities (Kubernetes' `capabilities.add` only fills the bounding set for a non-root user):
+/// the image gives the binary file capabilities, and `+p` (permitted, without the effective
+/// bit) lets one image carry the largest set while each pod's bounding set trims it (with the
+/// effective bit, `exec` fails with EPERM when the bounding set lacks one of them). Only this
+/// thread's set changes, and threads started later inherit it: call it first thing.
+pub fn raise_permitted() -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget with a v3 header and the two data words v3 expects.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if data.iter().all(|d| d.effective == d.permitted) {
+        return Ok(());
+    }
+    for d in &mut data {
+        d.effective = d.permitted;
+    }
+    // SAFETY: capset with the header and data capget filled; effective is within permitted.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whether the running kernel is older than `major.minor` (false if unknown).
 pub fn kernel_before(major: u32, minor: u32) -> bool {
     let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
