@@ -3,7 +3,7 @@
 //!
 //! Measured as uid 65534 with nothing but the listed capabilities, on Linux 6.18 with
 //! `kernel.unprivileged_bpf_disabled=2` and `kernel.perf_event_paranoid=2`
-//! (`tests/tests/privilege.rs` proves each one):
+//! (`tests/tests/privilege.rs` runs each set and each set minus one):
 //!
 //! | capability | why | without it |
 //! | --- | --- | --- |
@@ -11,12 +11,13 @@
 //! | `CAP_PERFMON` | loading the tracepoint programs (scheduler hooks, syscall hooks), `perf_event_open` on tracepoints CPU-wide | the probe does not start |
 //! | `CAP_DAC_READ_SEARCH` | tracefs (`/sys/kernel/tracing`, mode 0700 root): the tracepoint ids; `/proc/<pid>/fd` and `/proc/<pid>/environ` of other users | the probe does not start |
 //! | `CAP_NET_ADMIN` | cgroup path: loading the `cgroup/sock` program, attaching the programs to the cohort cgroups (`BPF_LINK_CREATE`) | the cgroup path refuses to attach |
-//! | `CAP_SYS_PTRACE` | `/proc/<pid>/exe`, `/proc/<pid>/root`, `pidfd_getfd` on processes of other users | events carry no `exe`; see [`Need`] |
-//! | `CAP_SYS_ADMIN` | TLS uprobes (`perf_event_open` of a uprobe needs it since Linux 6.16 and the stable kernels of July 2025, commit ba677dbe77af) | TLS plaintext is not decoded |
+//! | `CAP_SYS_PTRACE` | `/proc/<pid>/exe`, `/proc/<pid>/root`, `/proc/<pid>/fd` links, `pidfd_getfd` of processes of other users | events carry no `exe`; syscall path: connections open at start unseen, peers found mid-stream unknown, exe/env rules blind to other users |
+//! | `CAP_SYS_ADMIN` | TLS uprobes (`perf_event_open` of a uprobe needs it since Linux 6.16 and the stable kernels of July 2025, commit ba677dbe77af; `CAP_PERFMON` before) | TLS plaintext is not decoded |
 //!
 //! `CAP_SYS_ADMIN` also passes every `CAP_BPF`, `CAP_PERFMON` and `CAP_NET_ADMIN` check of
-//! `bpf()` and `perf_event_open`. `CAP_SYS_RESOURCE` matters only before Linux 5.11, which
-//! charged BPF maps to `RLIMIT_MEMLOCK`.
+//! `bpf()` and `perf_event_open`. `CAP_PERFMON` alone already opens `/proc/<pid>/maps` of other
+//! users (observed). `CAP_SYS_RESOURCE` matters only before Linux 5.11, which charged BPF maps
+//! to `RLIMIT_MEMLOCK` (not measured: the development host's bounding set lacks it).
 
 use std::{collections::HashSet, io, sync::Mutex};
 
