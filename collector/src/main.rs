@@ -139,6 +139,11 @@ enum Cmd {
         /// Per request (connect, write, read).
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+        /// Send each request at its recorded arrival time divided by SPEED (open loop: latency
+        /// under the recorded load; 2 = twice as fast). Default: each session as fast as its
+        /// responses allow.
+        #[arg(long, value_name = "SPEED")]
+        recorded_timing: Option<f64>,
         /// Latency differences within this share are not reported.
         #[arg(long, default_value_t = 0.05)]
         tolerance: f64,
@@ -301,6 +306,18 @@ struct ReplayTargets {
     a2: Option<SocketAddr>,
 }
 
+/// `--recorded-timing SPEED`: open loop at the recorded times divided by SPEED, else as fast as
+/// each session allows.
+fn replay_timing(speed: Option<f64>) -> Result<bakeoff_replay::Timing> {
+    match speed {
+        Some(speed) if speed.is_finite() && speed > 0.0 => {
+            Ok(bakeoff_replay::Timing::Recorded { speed })
+        }
+        Some(speed) => bail!("--recorded-timing {speed}: the speed must be a positive number"),
+        None => Ok(bakeoff_replay::Timing::AsFast),
+    }
+}
+
 /// `bakeoff replay`: reads the capture (up to any damage, said), replays, compares.
 fn replay(
     file: &std::path::Path,
@@ -341,6 +358,9 @@ fn replay(
     let comparison = b
         .as_ref()
         .map(|b| bakeoff_collector::replay::compare(&a, b, a2.as_ref(), alpha, tolerance));
+    // With recorded timing: requests that could not be sent on time (more than 1 ms late).
+    let late = a.outcomes.iter().filter(|o| o.late_ns > 1_000_000).count();
+    let max_late_ms = a.outcomes.iter().map(|o| o.late_ns).max().unwrap_or(0) as f64 / 1e6;
     if json {
         println!(
             "{}",
@@ -352,6 +372,8 @@ fn replay(
                 "skipped_writes": a.skipped_writes,
                 "unframed_bytes": a.unframed_bytes,
                 "errors": a.outcomes.iter().filter(|o| o.error.is_some()).count(),
+                "late": late,
+                "max_late_ms": max_late_ms,
                 "comparison": comparison,
                 "outcomes": if comparison.is_none() { Some(&a.outcomes) } else { None },
             })
@@ -366,6 +388,12 @@ fn replay(
             a.outcomes.iter().filter(|o| o.error.is_some()).count(),
             a.unframed_bytes
         );
+        if late > 0 {
+            println!(
+                "{late} requests sent behind their recorded time (at most {max_late_ms:.1} ms): \
+                 raise --concurrency, or the target answers slower than recorded"
+            );
+        }
         if let (Some(c), Some(b)) = (&comparison, targets.b) {
             print!(
                 "{}",
@@ -492,26 +520,30 @@ fn main() {
             concurrency,
             allow_writes,
             timeout,
+            recorded_timing,
             tolerance,
             alpha,
             json,
-        } => replay(
-            &file,
-            ReplayTargets {
-                a: target,
-                b: against,
-                a2: calibrate,
-            },
-            bakeoff_replay::ReplayOptions {
-                target,
-                concurrency,
-                allow_writes,
-                timeout,
-            },
-            tolerance,
-            alpha,
-            json,
-        ),
+        } => replay_timing(recorded_timing).and_then(|timing| {
+            replay(
+                &file,
+                ReplayTargets {
+                    a: target,
+                    b: against,
+                    a2: calibrate,
+                },
+                bakeoff_replay::ReplayOptions {
+                    target,
+                    concurrency,
+                    allow_writes,
+                    timeout,
+                    timing,
+                },
+                tolerance,
+                alpha,
+                json,
+            )
+        }),
         Cmd::Events {
             api,
             filters,

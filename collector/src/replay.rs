@@ -213,6 +213,7 @@ mod tests {
             body_hash: hash,
             body_bytes: 1,
             error: None,
+            late_ns: 0,
         }
     }
 

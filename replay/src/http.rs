@@ -25,6 +25,21 @@ pub struct ReplayOptions {
     pub allow_writes: bool,
     /// Connect, read and write timeout (a request that exceeds it is an error outcome).
     pub timeout: Duration,
+    pub timing: Timing,
+}
+
+/// When requests are sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Timing {
+    /// Each session as fast as its responses allow (closed loop): the target's capacity.
+    #[default]
+    AsFast,
+    /// Open loop: each request at its recorded arrival time, divided by `speed` (2.0 = twice as
+    /// fast), counted from the capture's first request: latency under the recorded load. A
+    /// session's order is still kept: a request whose previous response is late goes late, and
+    /// how late is reported (`Outcome::late_ns`), as when no worker was free (raise
+    /// `concurrency` to the capture's concurrent sessions).
+    Recorded { speed: f64 },
 }
 
 /// What one replayed request got.
@@ -42,6 +57,9 @@ pub struct Outcome {
     pub body_hash: u32,
     pub body_bytes: u64,
     pub error: Option<String>,
+    /// With recorded timing: how long after its scheduled time the request was sent (0 when
+    /// on time); a replayer that cannot keep the schedule says so instead of measuring less load.
+    pub late_ns: u64,
 }
 
 /// A replay's results.
@@ -56,9 +74,20 @@ pub struct Replayed {
 }
 
 /// Replays `sessions` against `options.target`.
-pub fn replay(sessions: Vec<Session>, options: &ReplayOptions) -> Replayed {
+pub fn replay(mut sessions: Vec<Session>, options: &ReplayOptions) -> Replayed {
     let count = sessions.len();
     let unframed = sessions.iter().map(|s| s.unframed_bytes).sum();
+    // With recorded timing, sessions start in the order they started in the capture.
+    sessions.sort_by_key(|s| s.requests.first().map_or(u64::MAX, |r| r.ts_unix_ns));
+    let schedule = Schedule {
+        started: Instant::now(),
+        first_ns: sessions
+            .iter()
+            .filter_map(|s| s.requests.first())
+            .map(|r| r.ts_unix_ns)
+            .min()
+            .unwrap_or(0),
+    };
     let queue = Mutex::new(sessions.into_iter().collect::<VecDeque<_>>());
     let results = Mutex::new((Vec::new(), 0u64));
     std::thread::scope(|scope| {
@@ -67,7 +96,7 @@ pub fn replay(sessions: Vec<Session>, options: &ReplayOptions) -> Replayed {
                 loop {
                     let next = queue.lock().ok().and_then(|mut q| q.pop_front());
                     let Some(session) = next else { break };
-                    let (outcomes, skipped) = run_session(&session, options);
+                    let (outcomes, skipped) = run_session(&session, options, &schedule);
                     if let Ok(mut r) = results.lock() {
                         r.0.extend(outcomes);
                         r.1 += skipped;
@@ -94,8 +123,32 @@ fn connect(options: &ReplayOptions) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
+/// The replay's clock for recorded timing.
+struct Schedule {
+    started: Instant,
+    /// The capture's first request time (Unix ns).
+    first_ns: u64,
+}
+
+impl Schedule {
+    /// When a request recorded at `ts_unix_ns` is due, or `None` when sent as fast as possible.
+    fn due(&self, timing: Timing, ts_unix_ns: u64) -> Option<Instant> {
+        match timing {
+            Timing::AsFast => None,
+            Timing::Recorded { speed } => {
+                let offset = ts_unix_ns.saturating_sub(self.first_ns) as f64 / speed.max(1e-6);
+                Some(self.started + Duration::from_nanos(offset.min(u64::MAX as f64) as u64))
+            }
+        }
+    }
+}
+
 /// One session, in order, on one connection (a new one after a close or an error).
-fn run_session(session: &Session, options: &ReplayOptions) -> (Vec<Outcome>, u64) {
+fn run_session(
+    session: &Session,
+    options: &ReplayOptions,
+    schedule: &Schedule,
+) -> (Vec<Outcome>, u64) {
     let mut out = Vec::new();
     let mut skipped = 0;
     let mut conn: Option<TcpStream> = None;
@@ -114,7 +167,15 @@ fn run_session(session: &Session, options: &ReplayOptions) -> (Vec<Outcome>, u64
             body_hash: 0,
             body_bytes: 0,
             error: None,
+            late_ns: 0,
         };
+        if let Some(due) = schedule.due(options.timing, req.ts_unix_ns) {
+            let now = Instant::now();
+            match due.checked_duration_since(now) {
+                Some(wait) => std::thread::sleep(wait),
+                None => outcome.late_ns = now.duration_since(due).as_nanos() as u64,
+            }
+        }
         let stream = match conn.take().map_or_else(|| connect(options), Ok) {
             Ok(s) => s,
             Err(e) => {

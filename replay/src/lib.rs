@@ -1,6 +1,7 @@
 //! Replaying a capture: its recorded HTTP/1 sessions (one per captured connection) sent again to
 //! a target, each on a connection of its own, requests in their recorded order; sessions run
-//! concurrently up to a limit, each as fast as its responses allow. Every response is read
+//! concurrently up to a limit, each as fast as its responses allow or (open loop) at its
+//! recorded arrival times, scaled. Every response is read
 //! completely and measured: status, latency (last request byte written to last response byte
 //! read), and a hash of the body after the headers the user declares noisy are left out.
 //!
@@ -11,7 +12,7 @@
 pub mod http;
 pub mod session;
 
-pub use http::{Outcome, ReplayOptions, Replayed, replay};
+pub use http::{Outcome, ReplayOptions, Replayed, Timing, replay};
 pub use session::{Request, Session, sessions};
 
 /// Why a replay could not run.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use bakeoff_capture::{ConnInfo, Direction, Loss, Record};
-use bakeoff_replay::{ReplayOptions, replay, sessions};
+use bakeoff_replay::{ReplayOptions, Timing, replay, sessions};
 use bakeoff_testkit::process::{Guard, bin, free_port, wait_for_port};
 
 fn open(conn: u64) -> Record {
@@ -77,6 +77,7 @@ fn captured_sessions_replay_in_order_with_writes_refused_unless_allowed() -> Res
         concurrency: 2,
         allow_writes: false,
         timeout: Duration::from_secs(10),
+        timing: Timing::AsFast,
     };
     let s = sessions(records());
     ensure!(s.len() == 3, "{s:?}");
@@ -219,5 +220,85 @@ fn bakeoff_replay_names_the_slower_endpoint() -> Result<()> {
     );
     let (code, json) = run(a)?;
     ensure!(code == 0, "A against itself: exit {code}: {json}");
+    Ok(())
+}
+
+/// Open-loop timing: each request goes out at its recorded arrival time (scaled), whatever the
+/// previous sessions' responses took, and the replay says when it could not keep the schedule.
+#[test]
+fn recorded_timing_sends_requests_at_their_recorded_times() -> Result<()> {
+    let port = free_port();
+    let _server = Guard::spawn(
+        "test server",
+        std::process::Command::new(bin("bakeoff-testserver")?).args([
+            "--port",
+            &port.to_string(),
+            "--slow-path",
+            "/slow",
+            "--slow-ms",
+            "300",
+        ]),
+    )?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    let ms = 1_000_000u64;
+    let t0 = 1_700_000_000_000_000_000u64;
+    // Session 1 at 0 and 400 ms; session 2 at 200 ms; session 3 at 100 ms, slow (300 ms), then
+    // at 150 ms: its second request cannot be on time (its first response comes at ~400 ms).
+    let records = vec![
+        open(1),
+        Record::data(1, Direction::Ingress, t0, get("/bytes/1")),
+        Record::data(1, Direction::Ingress, t0 + 400 * ms, get("/bytes/2")),
+        open(2),
+        Record::data(2, Direction::Ingress, t0 + 200 * ms, get("/bytes/3")),
+        open(3),
+        Record::data(3, Direction::Ingress, t0 + 100 * ms, get("/slow/x")),
+        Record::data(3, Direction::Ingress, t0 + 150 * ms, get("/bytes/4")),
+    ];
+    let options = |timing| ReplayOptions {
+        target: format!("127.0.0.1:{port}").parse().expect("address"),
+        concurrency: 4,
+        allow_writes: false,
+        timeout: Duration::from_secs(10),
+        timing,
+    };
+    let started = std::time::Instant::now();
+    let r = replay(
+        sessions(records.clone()),
+        &options(Timing::Recorded { speed: 1.0 }),
+    );
+    let took = started.elapsed();
+    ensure!(
+        r.outcomes.len() == 5 && r.outcomes.iter().all(|o| o.error.is_none()),
+        "{r:?}"
+    );
+    // The last request is due at 400 ms: the replay cannot end before.
+    ensure!(took >= Duration::from_millis(400), "{took:?}");
+    let late = |path: &str| {
+        r.outcomes
+            .iter()
+            .find(|o| o.path == path)
+            .map(|o| o.late_ns)
+            .unwrap_or(0)
+    };
+    // Sent after the slow response (~400 ms) although due at 150 ms: at least 200 ms late.
+    ensure!(late("/bytes/4") >= 200 * ms, "{r:?}");
+    // Twice as fast: the slow request is due at 50 ms, the next one at 75 ms, sent after the
+    // slow response (>= 350 ms): at least 250 ms late.
+    let fast = replay(
+        sessions(records.clone()),
+        &options(Timing::Recorded { speed: 2.0 }),
+    );
+    let late_fast = fast
+        .outcomes
+        .iter()
+        .find(|o| o.path == "/bytes/4")
+        .map_or(0, |o| o.late_ns);
+    ensure!(
+        fast.outcomes.len() == 5 && late_fast >= 250 * ms,
+        "{fast:?}"
+    );
+    // As fast as possible: nobody waits for a schedule, nothing is late.
+    let r = replay(sessions(records), &options(Timing::AsFast));
+    ensure!(r.outcomes.iter().all(|o| o.late_ns == 0), "{r:?}");
     Ok(())
 }
