@@ -261,6 +261,53 @@ fn main() {
     }
 }
 
+/// `check` with a `kubernetes` section: lists this node's pods once (and the rollouts the rules
+/// name) and gives them to the cohort rules, so the cohort lines below show what they take.
+fn kubernetes_check(
+    k: &bakeoff_probe::config::KubernetesConfig,
+    node: &str,
+    cohorts: &mut Cohorts,
+) -> bakeoff_probe::preflight::Finding {
+    use bakeoff_probe::{
+        kubernetes::{View, watch},
+        preflight::{Finding, Level},
+    };
+    let listed = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+        .and_then(|rt| {
+            rt.block_on(async {
+                let client = watch::client(k).await?;
+                Ok(watch::list_once(client, node, cohorts.needs_rollouts()).await?)
+            })
+        });
+    match listed {
+        Ok(snapshot) => {
+            let detail = format!(
+                "{} pods on node {node}, {} Argo Rollouts listed",
+                snapshot.pods.len(),
+                snapshot.rollouts.len()
+            );
+            let view = View::new(k.labels.clone(), cgroup2_root());
+            if let Ok(mut s) = view.snapshot.write() {
+                *s = snapshot;
+            }
+            cohorts.set_kubernetes(Arc::new(view));
+            Finding {
+                what: "kubernetes".into(),
+                level: Level::Ok,
+                detail,
+            }
+        }
+        Err(e) => Finding {
+            what: "kubernetes".into(),
+            level: Level::Fail,
+            detail: format!("cannot list this node's pods ({node}): {e}"),
+        },
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     let config = cli.config()?;
     if matches!(cli.command, Some(Command::Check)) {
@@ -272,11 +319,17 @@ fn run(cli: Cli) -> Result<()> {
             cli.tls_plaintext,
         ));
         match Cohorts::new(&config.cohorts, cgroup2_root()) {
-            Ok(cohorts) => findings.extend(bakeoff_probe::preflight::cohorts(
-                &cohorts,
-                &config.cohorts,
-                config.data_path,
-            )),
+            Ok(mut cohorts) => {
+                if let Some(k) = &config.kubernetes {
+                    let node = config.node.clone().unwrap_or_else(hostname);
+                    findings.push(kubernetes_check(k, &node, &mut cohorts));
+                }
+                findings.extend(bakeoff_probe::preflight::cohorts(
+                    &cohorts,
+                    &config.cohorts,
+                    config.data_path,
+                ))
+            }
             Err(e) => findings.push(bakeoff_probe::preflight::Finding {
                 what: "cohorts".into(),
                 level: bakeoff_probe::preflight::Level::Fail,

@@ -223,10 +223,13 @@ pub fn cohorts(cohorts: &Cohorts, rules: &[CohortRule], data_path: DataPath) -> 
             "syscall path"
         };
         let dirs: Vec<_> = matches.iter().filter(|m| m.cohort == id).collect();
-        let mut members: usize = dirs
-            .iter()
-            .map(|m| proc::pids_in_cgroup(&m.dir).len())
-            .sum();
+        // A directory's processes and its descendants' (a pod's are in its containers').
+        let mut members: usize = 0;
+        for m in &dirs {
+            crate::cohort::walk_cgroup_tree(&m.dir, |d| {
+                members += proc::pids_in_cgroup(d).len();
+            });
+        }
         if !cgroup_only {
             members += proc::all_pids()
                 .into_iter()

@@ -179,6 +179,31 @@ fn a_rollout_described_by_kubernetes_objects_is_judged_with_pod_metadata() -> Re
     )
     .with_context(|| format!("probe log:\n{}", log()))?;
 
+    // The preflight lists the same objects and shows what each cohort takes.
+    let check = std::process::Command::new(bakeoff_testkit::process::bin("bakeoff-probe")?)
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()?;
+    let text = String::from_utf8_lossy(&check.stdout);
+    let line = |what: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(what))
+            .unwrap_or_default()
+            .to_string()
+    };
+    ensure!(
+        line("kubernetes").starts_with("ok ")
+            && line("kubernetes").contains("3 pods on node test-node, 1 Argo Rollouts"),
+        "{text}"
+    );
+    for cohort in ["baseline", "canary"] {
+        let l = text
+            .lines()
+            .find(|l| l.contains(&format!("cohort {cohort} ")))
+            .unwrap_or_default();
+        ensure!(l.starts_with("ok ") && l.contains("1 cgroups"), "{text}");
+    }
+
     const N: usize = 400;
     send(stable_port, N, "stable")?;
     send(canary_port, N, "canary")?;

@@ -120,6 +120,41 @@ pub fn rollout_of(o: &DynamicObject) -> Option<((String, String), RolloutHashes)
     ))
 }
 
+/// One list of this node's pods (and, with `rollouts`, of Argo Rollouts): what `check` shows.
+pub async fn list_once(
+    client: Client,
+    node: &str,
+    rollouts: bool,
+) -> Result<super::Snapshot, KubeError> {
+    let api: Api<Pod> = Api::all(client.clone());
+    let pods = api
+        .list(&kube::api::ListParams::default().fields(&format!("spec.nodeName={node}")))
+        .await?;
+    let mut snap = super::Snapshot {
+        pods: pods
+            .items
+            .iter()
+            .filter_map(facts_of)
+            .map(|f| (f.uid.clone(), f))
+            .collect(),
+        rollouts: HashMap::new(),
+        synced: true,
+    };
+    if rollouts {
+        let resource =
+            ApiResource::from_gvk(&GroupVersionKind::gvk("argoproj.io", "v1alpha1", "Rollout"));
+        let api: Api<DynamicObject> = Api::all_with(client, &resource);
+        snap.rollouts = api
+            .list(&Default::default())
+            .await?
+            .items
+            .iter()
+            .filter_map(rollout_of)
+            .collect();
+    }
+    Ok(snap)
+}
+
 /// Keeps `view`'s pods current, forever.
 pub async fn pods(client: Client, node: String, view: Arc<View>, stats: Arc<WatchStats>) {
     let api: Api<Pod> = Api::all(client);
