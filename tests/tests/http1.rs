@@ -250,9 +250,12 @@ fn every_request_of_both_cohorts_becomes_one_exact_event(data_path: &str) -> Res
             .stdout(Stdio::null()),
     )?;
     wait_for_port(nginx_port, Duration::from_secs(10))?;
-    let master: u32 = std::fs::read_to_string(dir.join("nginx.pid"))?
-        .trim()
-        .parse()?;
+    // nginx listens before it writes its pid file.
+    let pid_file = dir.join("nginx.pid");
+    wait_for("nginx's pid file", Duration::from_secs(10), || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|t| t.trim().parse::<u32>().is_ok())
+    })?;
+    let master: u32 = std::fs::read_to_string(&pid_file)?.trim().parse()?;
     wait_for("two nginx workers", Duration::from_secs(10), || {
         children(master).len() >= 2
     })?;
