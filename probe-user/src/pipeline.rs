@@ -638,7 +638,8 @@ impl Pipeline {
         role: Role,
         peer: Option<std::net::SocketAddr>,
     ) -> RequestEvent {
-        let pod = self.procs.get(&tgid).and_then(|p| p.pod.as_ref());
+        let process = self.procs.get(&tgid);
+        let pod = process.and_then(|p| p.pod.as_ref());
         RequestEvent {
             namespace: pod.map(|p| p.namespace.clone()),
             pod: pod.map(|p| p.pod.clone()),
@@ -647,11 +648,7 @@ impl Pipeline {
             cohort: self.cohorts.name(cohort).to_string(),
             node: self.node.clone(),
             pid: tgid,
-            exe: self
-                .procs
-                .get(&tgid)
-                .map(|p| p.exe.clone())
-                .unwrap_or_default(),
+            exe: process.map(|p| p.exe.clone()).unwrap_or_default(),
             role: match role {
                 Role::Server => "server",
                 Role::Client => "client",
