@@ -4,6 +4,7 @@
 //! -> `verdict` -> `report` (HTML) -> `api` (HTTP JSON, gRPC) and the CLI.
 
 pub mod api;
+pub mod audit;
 pub mod drilldown;
 pub mod experiments;
 pub mod ingest;

@@ -10,6 +10,7 @@ use bakeoff_collector::{
         http::{ApiState, router},
         tls::{TlsListener, TlsPeer},
     },
+    audit::{self, AuditLog},
     experiments::{Experiment, ExperimentsFile, Verdicts},
     ingest::{IngestService, IngestStats, MAX_MESSAGE_BYTES},
     live::{Live, VerdictResponse},
@@ -130,6 +131,11 @@ enum Cmd {
         /// A2: a second instance of A's version; differences between A and A2 are noise.
         #[arg(long)]
         calibrate: Option<SocketAddr>,
+        /// The audit log the replay is recorded in before it starts (it refuses to start when
+        /// it cannot be). Default: $BAKEOFF_AUDIT_LOG, else $XDG_STATE_HOME/bakeoff/audit.log,
+        /// else ~/.local/state/bakeoff/audit.log.
+        #[arg(long, value_name = "PATH")]
+        audit_log: Option<PathBuf>,
         /// Sessions replayed at once (each keeps its requests in order).
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
@@ -168,6 +174,20 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Show the audit log of capture, replay and shadow commands and verify its hash chain.
+    /// Exit 1 when it is damaged (the entries before the damage are shown).
+    Audit {
+        /// Default: $BAKEOFF_AUDIT_LOG, else $XDG_STATE_HOME/bakeoff/audit.log, else
+        /// ~/.local/state/bakeoff/audit.log.
+        #[arg(long, value_name = "PATH")]
+        log: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only the verdict on the chain, not the entries.
+        #[arg(long)]
+        verify_only: bool,
     },
 }
 
@@ -322,6 +342,7 @@ fn replay_timing(speed: Option<f64>) -> Result<bakeoff_replay::Timing> {
 fn replay(
     file: &std::path::Path,
     targets: ReplayTargets,
+    audit_log: Option<&std::path::Path>,
     options: bakeoff_replay::ReplayOptions,
     tolerance: f64,
     alpha: f64,
@@ -343,6 +364,8 @@ fn replay(
         }
     }
     let sessions = bakeoff_replay::sessions(records);
+    // Before any request is sent: a replay the audit log cannot record does not run.
+    audit_replay(audit_log, file, &meta, &targets, &options, &sessions)?;
     let run = |addr: SocketAddr| {
         bakeoff_replay::replay(
             sessions.clone(),
@@ -517,6 +540,7 @@ fn main() {
             target,
             against,
             calibrate,
+            audit_log,
             concurrency,
             allow_writes,
             timeout,
@@ -532,6 +556,7 @@ fn main() {
                     b: against,
                     a2: calibrate,
                 },
+                audit_log.as_deref(),
                 bakeoff_replay::ReplayOptions {
                     target,
                     concurrency,
@@ -553,6 +578,15 @@ fn main() {
         } => api
             .client()
             .and_then(|client| events(&client, &filters, group_by.as_deref(), limit, json)),
+        Cmd::Audit {
+            log,
+            json,
+            verify_only,
+        } => match audit_cmd(log, json, verify_only) {
+            Ok(true) => Ok(()),
+            Ok(false) => std::process::exit(1),
+            Err(e) => Err(e),
+        },
     };
     if let Err(e) = result {
         eprintln!("bakeoff: error: {e:#}");
@@ -1198,4 +1232,139 @@ fn report(
     std::fs::write(output, html).with_context(|| format!("cannot write {}", output.display()))?;
     println!("report written to {}", output.display());
     Ok(())
+}
+
+/// Records a replay in the audit log (who, the capture and its redaction rules, the targets,
+/// the requests to replay). Any failure stops the replay before it sends anything: an audit log
+/// that silently misses commands is worthless.
+fn audit_replay(
+    log: Option<&std::path::Path>,
+    file: &std::path::Path,
+    meta: &bakeoff_capture::Meta,
+    targets: &ReplayTargets,
+    options: &bakeoff_replay::ReplayOptions,
+    sessions: &[bakeoff_replay::Session],
+) -> Result<()> {
+    let refused = "not replaying: the replay cannot be recorded in the audit log (--audit-log)";
+    let path = match log {
+        Some(p) => p.to_path_buf(),
+        None => audit::default_path().context(refused)?,
+    };
+    let mut log = AuditLog::open(&path).context(refused)?;
+    let requests = sessions.iter().flat_map(|s| &s.requests);
+    let writes = requests
+        .clone()
+        .filter(|r| bakeoff_replay::http::WRITE_METHODS.contains(&r.method.as_str()))
+        .count();
+    let replayed = if options.allow_writes {
+        requests.count()
+    } else {
+        requests.count() - writes
+    };
+    let addrs: Vec<String> = std::iter::once(targets.a)
+        .chain(targets.b)
+        .chain(targets.a2)
+        .map(|a| a.to_string())
+        .collect();
+    let capture = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    let details = serde_json::json!({
+        "capture": capture.display().to_string(),
+        "capture_protocol": meta.protocol,
+        "capture_started_unix_ns": meta.started_unix_ns,
+        "sessions": sessions.len(),
+        "requests": replayed,
+        "writes_skipped": if options.allow_writes { 0 } else { writes },
+        "allow_writes": options.allow_writes,
+        "against": targets.b.map(|b| b.to_string()),
+        "calibrate": targets.a2.map(|a| a.to_string()),
+        "uid": audit::local_uid(),
+    });
+    let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    log.append(audit::Entry {
+        actor: audit::local_actor(),
+        action: "replay".into(),
+        experiment: nonempty(&meta.experiment),
+        cohort: nonempty(&meta.cohort),
+        target: Some(addrs.join(",")),
+        bytes: std::fs::metadata(file).map(|m| m.len()).ok(),
+        redaction: meta.redaction.clone(),
+        details: match details {
+            serde_json::Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        },
+    })
+    .context(refused)?;
+    Ok(())
+}
+
+/// `bakeoff audit`: prints the log's entries up to any damage and the verdict on its chain;
+/// `Ok(false)` when it is damaged.
+fn audit_cmd(log: Option<PathBuf>, json: bool, verify_only: bool) -> Result<bool> {
+    let path = match log {
+        Some(p) => p,
+        None => audit::default_path()?,
+    };
+    let chain = audit::read(&path)?;
+    let summary = audit::summary(&chain.entries);
+    let damage = chain
+        .damage
+        .as_ref()
+        .map(|(line, reason)| serde_json::json!({ "line": line, "reason": reason.to_string() }));
+    if json {
+        let mut out = serde_json::json!({
+            "log": path.display().to_string(),
+            "verified": chain.damage.is_none(),
+            "count": summary.entries,
+            "first_time": summary.first_time,
+            "last_time": summary.last_time,
+            "last_hash": summary.last_hash,
+            "damage": damage,
+        });
+        if !verify_only {
+            out["entries"] = serde_json::to_value(&chain.entries)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        if !verify_only && !chain.entries.is_empty() {
+            print!("{}", audit_table(&chain.entries));
+        }
+        match &chain.damage {
+            Some((line, reason)) => println!("audit log damaged at line {line}: {reason}"),
+            None => match (&summary.first_time, &summary.last_time) {
+                (Some(first), Some(last)) => println!(
+                    "chain verified: {} entries, from {first} to {last}",
+                    summary.entries
+                ),
+                _ => println!("chain verified: 0 entries"),
+            },
+        }
+    }
+    Ok(chain.damage.is_none())
+}
+
+/// One line per entry: seq, time (to the second), actor, action, experiment/cohort, target,
+/// bytes.
+fn audit_table(entries: &[audit::Recorded]) -> String {
+    let mut out = format!(
+        "{:>5} {:<20} {:<24} {:<14} {:<28} {:<24} {:>12}\n",
+        "seq", "time", "actor", "action", "experiment/cohort", "target", "bytes"
+    );
+    for e in entries {
+        let time = match (e.time.split_once('.'), e.time.ends_with('Z')) {
+            (Some((seconds, _)), true) => format!("{seconds}Z"),
+            _ => e.time.clone(),
+        };
+        let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        out += &format!(
+            "{:>5} {:<20} {:<24} {:<14} {:<28} {:<24} {:>12}\n",
+            e.seq,
+            time,
+            fit(&e.actor, 24),
+            fit(&e.action, 14),
+            fit(&format!("{}/{}", dash(&e.experiment), dash(&e.cohort)), 28),
+            fit(&dash(&e.target), 24),
+            e.bytes.map_or_else(|| "-".into(), |b| b.to_string()),
+        );
+    }
+    out
 }

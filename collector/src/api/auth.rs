@@ -2,15 +2,20 @@
 //! Kubernetes Secret mounted as a file) with two scopes, and verified client certificates when
 //! the HTTP API uses mutual TLS.
 //!
-//! The file has one token per line, `SCOPE TOKEN`; blank lines and lines starting with `#` are
-//! skipped:
+//! The file has one token per line, `SCOPE TOKEN [NAME]`; blank lines and lines starting with
+//! `#` are skipped:
 //!
 //! ```text
 //! # Argo Rollouts' analysis and the report link
 //! read 6f1c0e...
 //! # people debugging a rollout
-//! full 9a77d2...
+//! full 9a77d2... alice
 //! ```
+//!
+//! NAME is who holds the token, as the audit log records callers (`Caller`); without it a
+//! token's holder is named `token:` and the first 8 hex digits of the token's SHA-256 (enough to
+//! tell tokens apart in a log, too few to help guess one). A verified client certificate is
+//! named `cert:` and its subject's common name (else its first subject alternative name).
 //!
 //! `read` is what verdict consumers need (verdicts, experiments, the report, Flagger's webhook);
 //! `full` adds raw events, which carry paths, peers and user agents. Tokens are kept as SHA-256
@@ -32,23 +37,6 @@ pub enum Scope {
     Full,
 }
 
-impl Scope {
-    fn code(self) -> u8 {
-        match self {
-            Scope::Read => 1,
-            Scope::Full => 2,
-        }
-    }
-
-    fn from_code(c: u8) -> Option<Scope> {
-        match c {
-            1 => Some(Scope::Read),
-            2 => Some(Scope::Full),
-            _ => None,
-        }
-    }
-}
-
 impl fmt::Display for Scope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -60,6 +48,23 @@ impl fmt::Display for Scope {
 
 /// Shorter tokens are refused: a guessable token is no protection.
 pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Who is calling and what they may do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub scope: Scope,
+    /// The token's NAME, `token:<8 hex>`, `cert:<name>`, or `anonymous` on an open API.
+    pub name: String,
+}
+
+impl Caller {
+    fn anonymous() -> Self {
+        Self {
+            scope: Scope::Full,
+            name: "anonymous".into(),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokensError {
@@ -74,14 +79,16 @@ pub enum TokensError {
         line: usize,
         reason: String,
     },
-    #[error("{path}: no tokens (expected lines `read TOKEN` or `full TOKEN`)")]
+    #[error("{path}: no tokens (expected lines `read TOKEN [NAME]` or `full TOKEN [NAME]`)")]
     Empty { path: PathBuf },
 }
 
-/// The accepted tokens, as digests.
+/// The accepted tokens, as digests, with their scopes and holders' names.
 #[derive(Clone)]
 pub struct Tokens {
     entries: Vec<([u8; 32], Scope)>,
+    /// `names[i]` is who holds `entries[i]`.
+    names: Vec<String>,
 }
 
 impl fmt::Debug for Tokens {
@@ -113,6 +120,7 @@ impl Tokens {
     /// Parses the file's text; `path` only names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, TokensError> {
         let mut entries: Vec<([u8; 32], Scope)> = Vec::new();
+        let mut names: Vec<String> = Vec::new();
         let mut first_line: Vec<usize> = Vec::new();
         for (i, raw) in text.lines().enumerate() {
             let line = i + 1;
@@ -126,12 +134,13 @@ impl Tokens {
                 continue;
             }
             let fields: Vec<&str> = trimmed.split_whitespace().collect();
-            let (scope, token) = match fields.as_slice() {
-                [scope, token] => (*scope, *token),
-                [_] => return Err(bad("expected `SCOPE TOKEN`, found one field".into())),
+            let (scope, token, name) = match fields.as_slice() {
+                [scope, token] => (*scope, *token, None),
+                [scope, token, name] => (*scope, *token, Some(*name)),
+                [_] => return Err(bad("expected `SCOPE TOKEN [NAME]`, found one field".into())),
                 _ => {
                     return Err(bad(format!(
-                        "expected `SCOPE TOKEN`, found {} fields (tokens cannot contain spaces)",
+                        "expected `SCOPE TOKEN [NAME]`, found {} fields (tokens and names cannot contain spaces)",
                         fields.len()
                     )));
                 }
@@ -157,7 +166,22 @@ impl Tokens {
                     first_line[j]
                 )));
             }
+            let name = match name {
+                // The derived names' prefixes are reserved: a token cannot pass for another
+                // token or for a certificate in the audit log.
+                Some(n) if n.starts_with("token:") || n.starts_with("cert:") => {
+                    return Err(bad(format!(
+                        "the name `{n}` starts with a reserved prefix (`token:`, `cert:`)"
+                    )));
+                }
+                Some(n) if n.chars().any(char::is_control) => {
+                    return Err(bad("the name has control characters".into()));
+                }
+                Some(n) => n.to_string(),
+                None => format!("token:{}", hex8(&d)),
+            };
             entries.push((d, scope));
+            names.push(name);
             first_line.push(line);
         }
         if entries.is_empty() {
@@ -165,7 +189,7 @@ impl Tokens {
                 path: path.to_path_buf(),
             });
         }
-        Ok(Self { entries })
+        Ok(Self { entries, names })
     }
 
     /// How many tokens of each scope: (read, full).
@@ -180,13 +204,29 @@ impl Tokens {
 
     /// The scope of `token`, if it is one of ours. Every entry is compared, without early exit.
     pub fn scope_of(&self, token: &[u8]) -> Option<Scope> {
-        let d = digest(token);
-        let mut found = 0u8;
-        for (e, scope) in &self.entries {
-            found = u8::conditional_select(&found, &scope.code(), e.ct_eq(&d));
-        }
-        Scope::from_code(found)
+        self.caller_of(token).map(|c| c.scope)
     }
+
+    /// Who holds `token` and its scope, if it is one of ours. Every entry is compared, without
+    /// early exit (the index found is selected in constant time).
+    pub fn caller_of(&self, token: &[u8]) -> Option<Caller> {
+        let d = digest(token);
+        let mut found = 0u64;
+        for (i, (e, _)) in self.entries.iter().enumerate() {
+            found = u64::conditional_select(&found, &(i as u64 + 1), e.ct_eq(&d));
+        }
+        let i = usize::try_from(found).ok()?.checked_sub(1)?;
+        let scope = self.entries.get(i)?.1;
+        Some(Caller {
+            scope,
+            name: self.names.get(i)?.clone(),
+        })
+    }
+}
+
+/// The first 8 hex digits of a digest.
+fn hex8(d: &[u8; 32]) -> String {
+    d[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Why a call is refused.
@@ -255,8 +295,26 @@ impl Access {
         client_cert: bool,
         needed: Scope,
     ) -> Result<Scope, Denied> {
-        if self.is_open() || (self.client_certs && client_cert) {
-            return Ok(Scope::Full);
+        self.caller(authorization, client_cert.then_some(""), needed)
+            .map(|c| c.scope)
+    }
+
+    /// As `check`, naming the caller: `client_cert` is the name of the certificate the TLS layer
+    /// verified (`tls::cert_name`), if the connection presented one.
+    pub fn caller(
+        &self,
+        authorization: Option<&[u8]>,
+        client_cert: Option<&str>,
+        needed: Scope,
+    ) -> Result<Caller, Denied> {
+        if self.is_open() {
+            return Ok(Caller::anonymous());
+        }
+        if let (true, Some(name)) = (self.client_certs, client_cert) {
+            return Ok(Caller {
+                scope: Scope::Full,
+                name: format!("cert:{name}"),
+            });
         }
         let Some(header) = authorization else {
             return Err(Denied::Missing {
@@ -264,23 +322,31 @@ impl Access {
             });
         };
         let token = bearer(header).ok_or(Denied::Malformed)?;
-        self.check_token(token, needed)
+        self.caller_token(token, needed)
     }
 
     /// Decides a call needing `needed` from a bare token (no header around it).
     pub fn check_token(&self, token: &[u8], needed: Scope) -> Result<Scope, Denied> {
+        self.caller_token(token, needed).map(|c| c.scope)
+    }
+
+    /// As `check_token`, naming the caller.
+    pub fn caller_token(&self, token: &[u8], needed: Scope) -> Result<Caller, Denied> {
         if self.is_open() {
-            return Ok(Scope::Full);
+            return Ok(Caller::anonymous());
         }
-        let had = self
+        let caller = self
             .tokens
             .as_ref()
-            .and_then(|t| t.scope_of(token))
+            .and_then(|t| t.caller_of(token))
             .ok_or(Denied::UnknownToken)?;
-        if had < needed {
-            return Err(Denied::Scope { needed, had });
+        if caller.scope < needed {
+            return Err(Denied::Scope {
+                needed,
+                had: caller.scope,
+            });
         }
-        Ok(had)
+        Ok(caller)
     }
 }
 
@@ -339,12 +405,17 @@ mod tests {
         );
         assert_eq!(
             err(&format!("# c\n{READ}\n")),
-            "/etc/bakeoff/api-tokens/tokens:2: expected `SCOPE TOKEN`, found one field"
+            "/etc/bakeoff/api-tokens/tokens:2: expected `SCOPE TOKEN [NAME]`, found one field"
         );
         assert_eq!(
-            err(&format!("read {READ} extra\n")),
-            "/etc/bakeoff/api-tokens/tokens:1: expected `SCOPE TOKEN`, found 3 fields (tokens cannot contain spaces)"
+            err(&format!("read {READ} alice extra\n")),
+            "/etc/bakeoff/api-tokens/tokens:1: expected `SCOPE TOKEN [NAME]`, found 4 fields (tokens and names cannot contain spaces)"
         );
+        assert_eq!(
+            err(&format!("read {READ} cert:alice\n")),
+            "/etc/bakeoff/api-tokens/tokens:1: the name `cert:alice` starts with a reserved prefix (`token:`, `cert:`)"
+        );
+        assert!(err(&format!("read {READ} token:1234abcd\n")).contains(":1: the name `token:"));
         assert_eq!(
             err("full short\n"),
             "/etc/bakeoff/api-tokens/tokens:1: the token is 5 characters, at least 16 are needed (e.g. `openssl rand -hex 32`)"
@@ -365,11 +436,11 @@ mod tests {
     fn an_empty_or_missing_file_is_an_error_naming_it() {
         assert_eq!(
             err("# only comments\n\n   \n"),
-            "/etc/bakeoff/api-tokens/tokens: no tokens (expected lines `read TOKEN` or `full TOKEN`)"
+            "/etc/bakeoff/api-tokens/tokens: no tokens (expected lines `read TOKEN [NAME]` or `full TOKEN [NAME]`)"
         );
         assert_eq!(
             err(""),
-            "/etc/bakeoff/api-tokens/tokens: no tokens (expected lines `read TOKEN` or `full TOKEN`)"
+            "/etc/bakeoff/api-tokens/tokens: no tokens (expected lines `read TOKEN [NAME]` or `full TOKEN [NAME]`)"
         );
         let missing = Path::new("/nonexistent/bakeoff-tokens");
         let e = Tokens::load(missing).expect_err("missing file");
@@ -377,6 +448,70 @@ mod tests {
             e.to_string()
                 .starts_with("cannot read the API tokens file /nonexistent/bakeoff-tokens: "),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn callers_are_named_by_the_third_column_or_their_token_digest() {
+        let t = parse(&format!("read {READ}\nfull {FULL} alice@example.com\n")).expect("valid");
+        assert_eq!(
+            t.caller_of(FULL.as_bytes()),
+            Some(Caller {
+                scope: Scope::Full,
+                name: "alice@example.com".into()
+            })
+        );
+        // Two columns: `token:` and the first 8 hex digits of the token's SHA-256.
+        let d = ring::digest::digest(&ring::digest::SHA256, READ.as_bytes());
+        let want: String = d.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(want.len(), 8);
+        assert_eq!(
+            t.caller_of(READ.as_bytes()),
+            Some(Caller {
+                scope: Scope::Read,
+                name: format!("token:{want}")
+            })
+        );
+        assert_eq!(t.caller_of(b"r-0123456789abcdeX"), None);
+        let a = Access::new(Some(t.clone()), true);
+        let h = |tok: &str| format!("Bearer {tok}");
+        assert_eq!(
+            a.caller(Some(h(FULL).as_bytes()), None, Scope::Full)
+                .map(|c| c.name),
+            Ok("alice@example.com".into())
+        );
+        assert_eq!(
+            a.caller_token(READ.as_bytes(), Scope::Full),
+            Err(Denied::Scope {
+                needed: Scope::Full,
+                had: Scope::Read
+            })
+        );
+        // A verified certificate wins over a token, and is named after itself.
+        assert_eq!(
+            a.caller(
+                Some(h(READ).as_bytes()),
+                Some("probe-7.example"),
+                Scope::Full
+            ),
+            Ok(Caller {
+                scope: Scope::Full,
+                name: "cert:probe-7.example".into()
+            })
+        );
+        // Without a client CA a certificate's name counts for nothing.
+        assert_eq!(
+            Access::new(Some(t), false).caller(None, Some("x"), Scope::Read),
+            Err(Denied::Missing {
+                client_certs: false
+            })
+        );
+        assert_eq!(
+            Access::open().caller(None, None, Scope::Full),
+            Ok(Caller {
+                scope: Scope::Full,
+                name: "anonymous".into()
+            })
         );
     }
 

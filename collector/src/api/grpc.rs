@@ -15,7 +15,7 @@ use bakeoff_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::{
-    api::auth::{Access, Denied, Scope},
+    api::auth::{Access, Caller, Denied, Scope},
     live::{self, Live, VerdictError},
     query::{Filter, GroupRow},
     store::{Store, StoreError, StoredEvent},
@@ -109,14 +109,14 @@ impl QueryService {
         self
     }
 
-    /// The call's token allows `needed`, or the status saying why not.
-    fn allow<T>(&self, request: &Request<T>, needed: Scope) -> Result<(), Status> {
+    /// Who calls, if the call's token allows `needed`, or the status saying why not.
+    fn allow<T>(&self, request: &Request<T>, needed: Scope) -> Result<Caller, Status> {
         let authorization = request
             .metadata()
             .get("authorization")
             .map(|v| v.as_bytes());
-        match self.access.check(authorization, false, needed) {
-            Ok(_) => Ok(()),
+        match self.access.caller(authorization, None, needed) {
+            Ok(caller) => Ok(caller),
             Err(d @ Denied::Scope { .. }) => Err(Status::permission_denied(d.to_string())),
             Err(_) if !self.access.has_tokens() => Err(Status::unauthenticated(
                 "the Query service needs a bearer token and the collector has none \

@@ -110,17 +110,25 @@ struct Guard {
 struct TokenInBody;
 
 /// Lets the request through if its bearer token or client certificate allows `needed`.
+/// The caller (`auth::Caller`) goes on the request's extensions, for handlers that record who
+/// called (the audit log).
 async fn require(State(g): State<Guard>, mut req: Request, next: Next) -> Response {
     let client_cert = req
         .extensions()
         .get::<ConnectInfo<TlsPeer>>()
-        .is_some_and(|c| c.0.client_cert);
+        .and_then(|c| c.0.client_name.clone());
     let authorization = req
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    match g.access.check(authorization, client_cert, g.needed) {
-        Ok(_) => next.run(req).await,
+    match g
+        .access
+        .caller(authorization, client_cert.as_deref(), g.needed)
+    {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
         Err(Denied::Missing { .. }) if g.token_in_body => {
             req.extensions_mut().insert(TokenInBody);
             next.run(req).await
