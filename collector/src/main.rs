@@ -158,6 +158,17 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// A response header left out of the comparison (repeatable; case-insensitive). Always
+        /// left out: Date, Content-Length, Transfer-Encoding, Connection, Keep-Alive.
+        #[arg(long, value_name = "NAME")]
+        noise_header: Vec<String>,
+        /// A JSON body field whose value is not compared (repeatable): a name, matched at any
+        /// depth, or a dotted path (`items.updated_at`; `$.` anchors it at the root).
+        #[arg(long, value_name = "FIELD")]
+        noise_json: Vec<String>,
+        /// A regular expression whose matches in bodies are not compared (repeatable).
+        #[arg(long, value_name = "RE", value_parser = noise_regex)]
+        noise_regex: Vec<String>,
     },
     /// Query events: raw (newest first) or grouped, as a table or JSON.
     Events {
@@ -338,6 +349,13 @@ fn replay_timing(speed: Option<f64>) -> Result<bakeoff_replay::Timing> {
     }
 }
 
+/// `--noise-regex RE`: checked while parsing, so an invalid one is a usage error (exit 2).
+fn noise_regex(rule: &str) -> Result<String, String> {
+    bakeoff_replay::noise::check_regex(rule)
+        .map(|()| rule.to_string())
+        .map_err(|e| e.to_string())
+}
+
 /// `bakeoff replay`: reads the capture (up to any damage, said), replays, compares.
 fn replay(
     file: &std::path::Path,
@@ -375,6 +393,7 @@ fn replay(
             },
         )
     };
+    let noise = options.noise.names().to_vec();
     let a = run(targets.a);
     let b = targets.b.map(run);
     let a2 = targets.a2.map(run);
@@ -397,6 +416,7 @@ fn replay(
                 "errors": a.outcomes.iter().filter(|o| o.error.is_some()).count(),
                 "late": late,
                 "max_late_ms": max_late_ms,
+                "noise": noise,
                 "comparison": comparison,
                 "outcomes": if comparison.is_none() { Some(&a.outcomes) } else { None },
             })
@@ -418,6 +438,7 @@ fn replay(
             );
         }
         if let (Some(c), Some(b)) = (&comparison, targets.b) {
+            println!("noise (not compared): {}", noise.join(", "));
             print!(
                 "{}",
                 bakeoff_collector::replay::table(c, &targets.a.to_string(), &b.to_string())
@@ -548,7 +569,22 @@ fn main() {
             tolerance,
             alpha,
             json,
+            noise_header,
+            noise_json,
+            noise_regex,
         } => replay_timing(recorded_timing).and_then(|timing| {
+            let noise = match bakeoff_replay::Noise::new(&bakeoff_replay::NoiseRules {
+                headers: noise_header,
+                json_fields: noise_json,
+                regexes: noise_regex,
+            }) {
+                Ok(noise) => noise,
+                Err(e) => {
+                    // A rule that cannot be used is a usage error, as clap's are.
+                    eprintln!("bakeoff: error: {e}");
+                    std::process::exit(2);
+                }
+            };
             replay(
                 &file,
                 ReplayTargets {
@@ -563,6 +599,7 @@ fn main() {
                     allow_writes,
                     timeout,
                     timing,
+                    noise,
                 },
                 tolerance,
                 alpha,

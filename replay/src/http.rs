@@ -8,7 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::session::{Session, chunked_len, framing};
+use crate::{
+    noise::Noise,
+    session::{Session, chunked_len, framing},
+};
 
 /// Methods that change state: not replayed unless writes are allowed.
 pub const WRITE_METHODS: [&str; 4] = ["POST", "PUT", "PATCH", "DELETE"];
@@ -26,6 +29,9 @@ pub struct ReplayOptions {
     /// Connect, read and write timeout (a request that exceeds it is an error outcome).
     pub timeout: Duration,
     pub timing: Timing,
+    /// What responses are compared without (`Noise::default()`: `Date` and the framing
+    /// headers).
+    pub noise: Noise,
 }
 
 /// When requests are sent.
@@ -42,8 +48,9 @@ pub enum Timing {
     Recorded { speed: f64 },
 }
 
-/// What one replayed request got.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+/// What one replayed request got. Hashes and excerpts are of the normalized response (declared
+/// noise left out or masked, JSON canonical), so equal means "the same answer".
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Outcome {
     /// The captured connection the request came from, and its position in it.
     pub session: u64,
@@ -53,13 +60,27 @@ pub struct Outcome {
     pub status: Option<u16>,
     /// From the request's first byte written to the response's last byte read.
     pub latency_ns: u64,
-    /// CRC-32 of the response body (de-chunked).
+    /// CRC-32 of the normalized response body (de-chunked).
     pub body_hash: u32,
+    /// The body's size as received (before normalization).
     pub body_bytes: u64,
     pub error: Option<String>,
     /// With recorded timing: how long after its scheduled time the request was sent (0 when
     /// on time); a replayer that cannot keep the schedule says so instead of measuring less load.
     pub late_ns: u64,
+    /// CRC-32 of the normalized headers (`name: value` lines, sorted, noise left out).
+    #[serde(default)]
+    pub headers_hash: u32,
+    /// The normalized headers, to name the one that differs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+    /// Per body field, a hash of its values (`noise::Normalized::fields`): what a calibration
+    /// needs to tell a noisy field from a changed one. Not printed.
+    #[serde(default, skip_serializing)]
+    pub body_fields: Vec<(String, u32)>,
+    /// The normalized body's first bytes, to show a difference.
+    #[serde(default)]
+    pub body_excerpt: String,
 }
 
 /// A replay's results.
@@ -168,6 +189,10 @@ fn run_session(
             body_bytes: 0,
             error: None,
             late_ns: 0,
+            headers_hash: 0,
+            headers: Vec::new(),
+            body_fields: Vec::new(),
+            body_excerpt: String::new(),
         };
         if let Some(due) = schedule.due(options.timing, req.ts_unix_ns) {
             let now = Instant::now();
@@ -189,8 +214,20 @@ fn run_session(
             Ok((response, keep)) => {
                 outcome.latency_ns = started.elapsed().as_nanos() as u64;
                 outcome.status = Some(response.status);
-                outcome.body_hash = crc32fast::hash(&response.body);
                 outcome.body_bytes = response.body.len() as u64;
+                let n = options.noise.normalize(
+                    response.status,
+                    response
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_slice())),
+                    &response.body,
+                );
+                outcome.body_hash = n.body_hash();
+                outcome.headers_hash = n.headers_hash();
+                outcome.body_excerpt = n.excerpt();
+                outcome.headers = n.headers;
+                outcome.body_fields = n.fields;
                 conn = keep;
             }
             Err(e) => {
@@ -205,6 +242,7 @@ fn run_session(
 
 struct Response {
     status: u16,
+    headers: Vec<(String, Vec<u8>)>,
     body: Vec<u8>,
 }
 
@@ -238,6 +276,11 @@ fn exchange(
                         .to_ascii_lowercase()
                         .contains("close")
             });
+            let headers = resp
+                .headers
+                .iter()
+                .map(|h| (h.name.to_string(), h.value.to_vec()))
+                .collect();
             let no_body = head_only || status == 204 || status == 304;
             let body = read_body(
                 &mut stream,
@@ -249,7 +292,14 @@ fn exchange(
                 &mut chunk,
             )?;
             let keep = (!close && (no_body || length.is_some() || chunked)).then_some(stream);
-            return Ok((Response { status, body }, keep));
+            return Ok((
+                Response {
+                    status,
+                    headers,
+                    body,
+                },
+                keep,
+            ));
         }
         if buf.len() > MAX_RESPONSE {
             return Err("response head too large".into());

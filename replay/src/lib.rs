@@ -3,16 +3,19 @@
 //! concurrently up to a limit, each as fast as its responses allow or (open loop) at its
 //! recorded arrival times, scaled. Every response is read
 //! completely and measured: status, latency (last request byte written to last response byte
-//! read), and a hash of the body after the headers the user declares noisy are left out.
+//! read), and hashes of its headers and body after declared noise is left out or masked
+//! (`noise`).
 //!
 //! Safety valves: only the given target is ever contacted; requests with methods that change
 //! state (`POST`, `PUT`, `PATCH`, `DELETE`) are skipped and counted unless writes are allowed;
 //! every read and write has a timeout.
 
 pub mod http;
+pub mod noise;
 pub mod session;
 
 pub use http::{Outcome, ReplayOptions, Replayed, Timing, replay};
+pub use noise::{Noise, NoiseRules};
 pub use session::{Request, Session, sessions};
 
 /// Why a replay could not run.

@@ -256,6 +256,7 @@ fn a_recorded_cohort_is_complete_and_redacted() -> Result<()> {
                 allow_writes: true,
                 timeout: Duration::from_secs(10),
                 timing: bakeoff_replay::Timing::AsFast,
+                noise: Default::default(),
             },
         );
         ensure!(

@@ -78,6 +78,7 @@ fn captured_sessions_replay_in_order_with_writes_refused_unless_allowed() -> Res
         allow_writes: false,
         timeout: Duration::from_secs(10),
         timing: Timing::AsFast,
+        noise: Default::default(),
     };
     let s = sessions(records());
     ensure!(s.len() == 3, "{s:?}");
@@ -117,7 +118,7 @@ fn captured_sessions_replay_in_order_with_writes_refused_unless_allowed() -> Res
         s,
         &ReplayOptions {
             allow_writes: true,
-            ..options
+            ..options.clone()
         },
     );
     ensure!(allowed.skipped_writes == 0, "{allowed:?}");
@@ -223,6 +224,181 @@ fn bakeoff_replay_names_the_slower_endpoint() -> Result<()> {
     Ok(())
 }
 
+/// `bakeoff replay` compares responses after normalization: B (the test server as a "new
+/// version") changed the prices in `/api/catalog/`'s documents and got slower on `/bytes/`; A2 is
+/// a second instance of A. Every document carries timestamps (`generated_at`, at the top and in
+/// every item, and a `Date` header) that differ on every answer: declared noisy they are not
+/// reported; undeclared they are (the test can fail), unless `--calibrate A2` learns them as
+/// noise, and the changed prices are still found next to them.
+#[test]
+fn bakeoff_replay_finds_a_changed_body_and_not_declared_noise() -> Result<()> {
+    let dir = bakeoff_testkit::process::scratch_dir("replay-noise")?;
+    let file = dir.join("capture.bkcap");
+    let mut w = bakeoff_capture::CaptureWriter::new(
+        std::fs::File::create(&file)?,
+        &bakeoff_capture::Meta {
+            cohort: "canary".into(),
+            ..Default::default()
+        },
+    )?;
+    // 60 sessions of 8 requests: 120 per endpoint, enough for the median bounds to separate.
+    let routes = |conn: u64| {
+        [
+            format!("/api/catalog/{conn}"),
+            format!("/api/offers/{conn}"),
+            "/bytes/100".to_string(),
+            "/status/200".to_string(),
+        ]
+    };
+    for conn in 0..60u64 {
+        w.write(&open(conn))?;
+        for path in routes(conn).iter().chain(routes(conn).iter()) {
+            w.write(&Record::data(conn, Direction::Ingress, 10, get(path)))?;
+        }
+    }
+    w.finish()?;
+    let server = |extra: &[&str]| -> Result<(Guard, u16)> {
+        let port = free_port();
+        let g = Guard::spawn(
+            "test server",
+            std::process::Command::new(bin("bakeoff-testserver")?)
+                .args(["--port", &port.to_string()])
+                .args(extra),
+        )?;
+        wait_for_port(port, Duration::from_secs(10))?;
+        Ok((g, port))
+    };
+    let (_a, a) = server(&[])?;
+    let (_a2, a2) = server(&[])?;
+    let (_b, b) = server(&[
+        "--change-body-path",
+        "/api/catalog/",
+        "--slow-path",
+        "/bytes/",
+        "--slow-ms",
+        "30",
+    ])?;
+    let addr = |port: u16| format!("127.0.0.1:{port}");
+    let run = |against: u16, extra: &[&str]| -> Result<(i32, serde_json::Value)> {
+        let out = std::process::Command::new(bin("bakeoff")?)
+            .arg("replay")
+            .arg(&file)
+            .args(["--target", &addr(a), "--against", &addr(against)])
+            // The unchanged routes' medians are microseconds, which a shared machine moves by
+            // several times (B's workers wake cold after the slowed route); the slowed route is
+            // 30 ms, hundreds of times A's: only a difference beyond 6x is a latency finding.
+            .args(["--tolerance", "5", "--concurrency", "4", "--json"])
+            .args(extra)
+            .output()?;
+        let json = serde_json::from_slice(&out.stdout)
+            .map_err(|e| anyhow::anyhow!("{e}: {}", String::from_utf8_lossy(&out.stderr)))?;
+        Ok((out.status.code().unwrap_or(-1), json))
+    };
+    let endpoint = |json: &serde_json::Value, name: &str| -> Result<serde_json::Value> {
+        json["comparison"]["endpoints"]
+            .as_array()
+            .and_then(|es| es.iter().find(|e| e["endpoint"] == name))
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no endpoint {name}: {json}"))
+    };
+    // (latency, status, headers, body, noisy diffs) of one endpoint.
+    let summary = |json: &serde_json::Value, name: &str| -> Result<(String, u64, u64, u64, u64)> {
+        let e = endpoint(json, name)?;
+        let n = |k: &str| e[k].as_u64().unwrap_or(u64::MAX);
+        Ok((
+            e["latency"].as_str().unwrap_or_default().to_string(),
+            n("status_diffs"),
+            n("header_diffs"),
+            n("body_diffs"),
+            n("noisy"),
+        ))
+    };
+    // Nothing to report: no difference, and not slower (B can also look faster on the routes
+    // it did not change: closed loop, its workers wait on the slowed route, the CPU is free).
+    let nothing =
+        |s: (String, u64, u64, u64, u64)| s.0 != "slower" && (s.1, s.2, s.3, s.4) == (0, 0, 0, 0);
+    let (catalog, offers, bytes, status) = (
+        "GET /api/catalog/:id",
+        "GET /api/offers/:id",
+        "GET /bytes/:id",
+        "GET /status/:id",
+    );
+
+    // Declared noise, calibrated: the changed route and the slower one, nothing else.
+    let declared = ["--noise-json", "generated_at"];
+    let (code, json) = run(b, &[&declared[..], &["--calibrate", &addr(a2)]].concat())?;
+    ensure!(code == 1 && json["requests"] == 480, "exit {code}: {json}");
+    let (_, st, hd, body, noisy) = summary(&json, catalog)?;
+    ensure!((st, hd, body, noisy) == (0, 0, 120, 0), "{json}");
+    let example = &endpoint(&json, catalog)?["example"];
+    ensure!(
+        example["kind"] == "body"
+            && example["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/api/catalog/"))
+            && example["fields"] == serde_json::json!(["items[].price"]),
+        "{example}"
+    );
+    ensure!(
+        summary(&json, bytes)? == ("slower".to_string(), 0, 0, 0, 0),
+        "{json}"
+    );
+    ensure!(nothing(summary(&json, offers)?), "{json}");
+    ensure!(nothing(summary(&json, status)?), "{json}");
+    let rules: Vec<&str> = json["noise"]
+        .as_array()
+        .map(|r| r.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    ensure!(
+        rules.contains(&"json:generated_at") && rules.contains(&"header:date"),
+        "{json}"
+    );
+
+    // Not declared, not calibrated: every timestamped answer differs (the test can fail).
+    let (code, json) = run(b, &[])?;
+    ensure!(code == 1, "exit {code}: {json}");
+    let (_, _, hd, body, noisy) = summary(&json, offers)?;
+    ensure!((hd, body, noisy) == (0, 120, 0), "{json}");
+    ensure!(
+        endpoint(&json, offers)?["example"]["fields"]
+            .as_array()
+            .is_some_and(|f| f.contains(&serde_json::json!("generated_at"))),
+        "{json}"
+    );
+
+    // Not declared, calibrated: the timestamps differ between A and A2 too, so they are noise;
+    // the changed prices next to them are still differences.
+    let (code, json) = run(b, &["--calibrate", &addr(a2)])?;
+    ensure!(code == 1, "exit {code}: {json}");
+    let (latency, st, hd, body, noisy) = summary(&json, offers)?;
+    ensure!(
+        latency != "slower" && (st, hd, body, noisy) == (0, 0, 0, 120),
+        "{json}"
+    );
+    let (_, _, _, body, noisy) = summary(&json, catalog)?;
+    ensure!((body, noisy) == (120, 0), "{json}");
+
+    // A against A2, the timestamps declared noisy (a field, or a regex): the same service.
+    let (code, json) = run(a2, &declared)?;
+    ensure!(code == 0, "A against A2: exit {code}: {json}");
+    let (code, json) = run(a2, &["--noise-regex", "[0-9]{19}"])?;
+    ensure!(code == 0, "A against A2, regex: exit {code}: {json}");
+
+    // An invalid rule is a usage error, named.
+    let out = std::process::Command::new(bin("bakeoff")?)
+        .arg("replay")
+        .arg(&file)
+        .args(["--target", &addr(a), "--noise-regex", "(unclosed"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(2) && stderr.contains("(unclosed"),
+        "exit {:?}: {stderr}",
+        out.status.code()
+    );
+    Ok(())
+}
+
 /// Open-loop timing: each request goes out at its recorded arrival time (scaled), whatever the
 /// previous sessions' responses took, and the replay says when it could not keep the schedule.
 #[test]
@@ -260,6 +436,7 @@ fn recorded_timing_sends_requests_at_their_recorded_times() -> Result<()> {
         allow_writes: false,
         timeout: Duration::from_secs(10),
         timing,
+        noise: Default::default(),
     };
     let started = std::time::Instant::now();
     let r = replay(

@@ -3,7 +3,11 @@
 //!
 //! Routes: `/bytes/N` (N-byte body, Content-Length), `/chunked/N/C` (N bytes in C-byte chunks),
 //! `/status/CODE`, `POST /echo` (reads a Content-Length or chunked body, answers its size),
-//! anything else `ok`. `--reset-every N` answers every Nth request with a TCP reset instead.
+//! `/api/NAME/ID` (a JSON document generated at each request: its `generated_at` fields and
+//! `Date` header differ on every answer, as a real service's timestamps do), anything else
+//! `ok`. `--reset-every N` answers every Nth request with a TCP reset instead;
+//! `--change-body-path P` makes the bodies under P those of a "new version" (another price in
+//! the JSON documents, `ok changed` for the rest).
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -40,6 +44,9 @@ struct Args {
     /// socket is closed with SO_LINGER 0, so the client gets an RST and no response.
     #[arg(long, default_value_t = 0)]
     reset_every: u64,
+    /// Answer requests whose path starts with this with a changed body (a new version's).
+    #[arg(long)]
+    change_body_path: Option<String>,
 }
 
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
@@ -125,6 +132,10 @@ fn serve(stream: TcpStream, args: &Args) -> Result<()> {
             respond(writer, 500, b"injected error\n")?;
             continue;
         }
+        let changed = args
+            .change_body_path
+            .as_ref()
+            .is_some_and(|p| path.starts_with(p.as_str()));
         let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match (method.as_str(), parts.as_slice()) {
             (_, ["bytes", n]) => {
@@ -156,9 +167,77 @@ fn serve(stream: TcpStream, args: &Args) -> Result<()> {
             ("POST", ["echo"]) => {
                 respond(writer, 200, format!("{body_len}\n").as_bytes())?;
             }
+            (_, ["api", name, id]) => {
+                let body = document(name, id, changed);
+                let mut out = format!(
+                    "HTTP/1.1 200 OK\r\nDate: {}\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\n\r\n",
+                    http_date(std::time::SystemTime::now()),
+                    body.len()
+                )
+                .into_bytes();
+                out.extend_from_slice(body.as_bytes());
+                writer.write_all(&out)?;
+            }
+            _ if changed => respond(writer, 200, b"ok changed\n")?,
             _ => respond(writer, 200, b"ok\n")?,
         }
     }
+}
+
+/// `/api/NAME/ID`'s JSON: the same for the same request but for its timestamps (now, in
+/// nanoseconds, at the top and in every item); `changed`: the items' prices differ.
+fn document(name: &str, id: &str, changed: bool) -> String {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    };
+    let id: u64 = id.parse().unwrap_or(0);
+    let items: Vec<String> = (1..=3)
+        .map(|i| {
+            let price = id * 10 + i + if changed { 1 } else { 0 };
+            format!(
+                r#"{{"sku":"{name}-{id}-{i}","price":{price},"generated_at":"{}"}}"#,
+                now()
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"id":{id},"name":"{name}","generated_at":"{}","items":[{}]}}"#,
+        now(),
+        items.join(",")
+    )
+}
+
+/// An HTTP `Date` (IMF-fixdate), e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
+fn http_date(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
+        WEEKDAYS[(days % 7) as usize],
+        MONTHS[(month - 1) as usize],
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 /// SO_LINGER with a zero timeout: the close that follows (when the caller drops the stream)
