@@ -116,9 +116,10 @@ enum Cmd {
         #[command(flatten)]
         judge: JudgeArgs,
     },
-    /// Replay a capture's HTTP sessions against a target and, with --against, a second one;
-    /// compare latency per endpoint and responses request by request. Exit 1 when B is slower
-    /// or answers differently (noise left out with --calibrate).
+    /// Replay a capture's HTTP or Postgres sessions against a target and, with --against, a
+    /// second one; compare latency per endpoint (per normalized query for Postgres) and
+    /// responses request by request. Exit 1 when B is slower or answers differently (noise left
+    /// out with --calibrate).
     Replay {
         /// The capture file (`bakeoff-probe --capture-file`).
         file: PathBuf,
@@ -169,6 +170,8 @@ enum Cmd {
         /// A regular expression whose matches in bodies are not compared (repeatable).
         #[arg(long, value_name = "RE", value_parser = noise_regex)]
         noise_regex: Vec<String>,
+        #[command(flatten)]
+        pg: PgArgs,
     },
     /// Query events: raw (newest first) or grouped, as a table or JSON.
     Events {
@@ -330,6 +333,25 @@ fn send(
     Ok(resp)
 }
 
+/// How a Postgres replay starts its sessions (the capture's own startup parameters otherwise;
+/// passwords are never in a capture). Plain-text connections only (sslmode=disable).
+#[derive(clap::Args, Clone, Debug)]
+struct PgArgs {
+    /// Postgres: start every session as this user instead of the captured one (and a session
+    /// recorded mid-way without its startup parameters).
+    #[arg(long, value_name = "USER")]
+    pg_user: Option<String>,
+    /// Postgres: connect every session to this database instead of the captured one.
+    #[arg(long, value_name = "DB")]
+    pg_database: Option<String>,
+    /// Postgres: the password for cleartext, MD5 or SCRAM-SHA-256 authentication.
+    #[arg(long, env = "PGPASSWORD", hide_env_values = true)]
+    pg_password: Option<String>,
+    /// Postgres: each replay connection's lock_timeout (its statement_timeout is --timeout).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    lock_timeout: std::time::Duration,
+}
+
 /// The addresses of a replay.
 struct ReplayTargets {
     a: SocketAddr,
@@ -356,12 +378,15 @@ fn noise_regex(rule: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-/// `bakeoff replay`: reads the capture (up to any damage, said), replays, compares.
+/// `bakeoff replay`: reads the capture (up to any damage, said), replays (Postgres when the
+/// capture says so or its connections speak it, else HTTP), compares.
+#[allow(clippy::too_many_arguments)]
 fn replay(
     file: &std::path::Path,
     targets: ReplayTargets,
     audit_log: Option<&std::path::Path>,
     options: bakeoff_replay::ReplayOptions,
+    pg: PgArgs,
     tolerance: f64,
     alpha: f64,
     json: bool,
@@ -381,25 +406,85 @@ fn replay(
             }
         }
     }
-    let sessions = bakeoff_replay::sessions(records);
-    // Before any request is sent: a replay the audit log cannot record does not run.
-    audit_replay(audit_log, file, &meta, &targets, &options, &sessions)?;
-    let run = |addr: SocketAddr| {
-        bakeoff_replay::replay(
-            sessions.clone(),
-            &bakeoff_replay::ReplayOptions {
-                target: addr,
-                ..options.clone()
-            },
-        )
+    let postgres =
+        meta.protocol == "postgres" || bakeoff_replay::postgres::capture_is_postgres(&records);
+    let addrs: Vec<SocketAddr> = std::iter::once(targets.a)
+        .chain(targets.b)
+        .chain(targets.a2)
+        .collect();
+    // Per target (A, then B and A2 when given): its replay, and the Postgres sessions that
+    // could not start there (their statements are error outcomes too).
+    type Results = Vec<(
+        bakeoff_replay::Replayed,
+        Vec<bakeoff_replay::postgres::SessionError>,
+    )>;
+    let (counts, run): (_, Box<dyn FnOnce() -> Results>) = if postgres {
+        let sessions = bakeoff_replay::postgres::sessions(records);
+        let units = sessions.iter().flat_map(|s| &s.units);
+        let counts = (
+            sessions.len(),
+            units.clone().count(),
+            units.filter(|u| u.write).count(),
+        );
+        let options = bakeoff_replay::postgres::PgOptions {
+            replay: options.clone(),
+            user: pg.pg_user,
+            database: pg.pg_database,
+            password: pg.pg_password,
+            lock_timeout: pg.lock_timeout,
+        };
+        let addrs = addrs.clone();
+        // Interleaved, unit by unit: A, B and A2 see the same moments of this host.
+        let run = move || {
+            bakeoff_replay::postgres::replay_each(&sessions, &options, &addrs)
+                .into_iter()
+                .map(|r| (r.replayed, r.session_errors))
+                .collect()
+        };
+        (counts, Box::new(run))
+    } else {
+        let sessions = bakeoff_replay::sessions(records);
+        let requests = sessions.iter().flat_map(|s| &s.requests);
+        let counts = (
+            sessions.len(),
+            requests.clone().count(),
+            requests
+                .filter(|r| bakeoff_replay::http::WRITE_METHODS.contains(&r.method.as_str()))
+                .count(),
+        );
+        let options = options.clone();
+        let addrs = addrs.clone();
+        let run = move || {
+            addrs
+                .iter()
+                .map(|&addr| {
+                    let r = bakeoff_replay::replay(
+                        sessions.clone(),
+                        &bakeoff_replay::ReplayOptions {
+                            target: addr,
+                            ..options.clone()
+                        },
+                    );
+                    (r, Vec::new())
+                })
+                .collect()
+        };
+        (counts, Box::new(run))
     };
+    // Before any request is sent: a replay the audit log cannot record does not run.
+    audit_replay(audit_log, file, &meta, &targets, &options, counts)?;
     let noise = options.noise.names().to_vec();
-    let a = run(targets.a);
-    let b = targets.b.map(run);
-    let a2 = targets.a2.map(run);
-    let comparison = b
-        .as_ref()
-        .map(|b| bakeoff_collector::replay::compare(&a, b, a2.as_ref(), alpha, tolerance));
+    let results = run();
+    let session_errors: Vec<(SocketAddr, &bakeoff_replay::postgres::SessionError)> = addrs
+        .iter()
+        .zip(&results)
+        .flat_map(|(addr, (_, errors))| errors.iter().map(|e| (*addr, e)))
+        .collect();
+    let mut replays = results.iter().map(|(r, _)| r);
+    let a = replays.next().cloned().unwrap_or_default();
+    let b = targets.b.and_then(|_| replays.next());
+    let a2 = targets.a2.and_then(|_| replays.next());
+    let comparison = b.map(|b| bakeoff_collector::replay::compare(&a, b, a2, alpha, tolerance));
     // With recorded timing: requests that could not be sent on time (more than 1 ms late).
     let late = a.outcomes.iter().filter(|o| o.late_ns > 1_000_000).count();
     let max_late_ms = a.outcomes.iter().map(|o| o.late_ns).max().unwrap_or(0) as f64 / 1e6;
@@ -417,6 +502,10 @@ fn replay(
                 "late": late,
                 "max_late_ms": max_late_ms,
                 "noise": noise,
+                "protocol": if postgres { "postgres" } else { "http1" },
+                "session_errors": session_errors.iter().map(|(addr, e)| serde_json::json!({
+                    "target": addr.to_string(), "session": e.session, "error": e.error,
+                })).collect::<Vec<_>>(),
                 "comparison": comparison,
                 "outcomes": if comparison.is_none() { Some(&a.outcomes) } else { None },
             })
@@ -431,6 +520,9 @@ fn replay(
             a.outcomes.iter().filter(|o| o.error.is_some()).count(),
             a.unframed_bytes
         );
+        for (addr, e) in &session_errors {
+            println!("session {} not replayed on {addr}: {}", e.session, e.error);
+        }
         if late > 0 {
             println!(
                 "{late} requests sent behind their recorded time (at most {max_late_ms:.1} ms): \
@@ -572,6 +664,7 @@ fn main() {
             noise_header,
             noise_json,
             noise_regex,
+            pg,
         } => replay_timing(recorded_timing).and_then(|timing| {
             let noise = match bakeoff_replay::Noise::new(&bakeoff_replay::NoiseRules {
                 headers: noise_header,
@@ -601,6 +694,7 @@ fn main() {
                     timing,
                     noise,
                 },
+                pg,
                 tolerance,
                 alpha,
                 json,
@@ -1280,7 +1374,7 @@ fn audit_replay(
     meta: &bakeoff_capture::Meta,
     targets: &ReplayTargets,
     options: &bakeoff_replay::ReplayOptions,
-    sessions: &[bakeoff_replay::Session],
+    (sessions, requests, writes): (usize, usize, usize),
 ) -> Result<()> {
     let refused = "not replaying: the replay cannot be recorded in the audit log (--audit-log)";
     let path = match log {
@@ -1288,15 +1382,10 @@ fn audit_replay(
         None => audit::default_path().context(refused)?,
     };
     let mut log = AuditLog::open(&path).context(refused)?;
-    let requests = sessions.iter().flat_map(|s| &s.requests);
-    let writes = requests
-        .clone()
-        .filter(|r| bakeoff_replay::http::WRITE_METHODS.contains(&r.method.as_str()))
-        .count();
     let replayed = if options.allow_writes {
-        requests.count()
+        requests
     } else {
-        requests.count() - writes
+        requests - writes
     };
     let addrs: Vec<String> = std::iter::once(targets.a)
         .chain(targets.b)
@@ -1308,7 +1397,7 @@ fn audit_replay(
         "capture": capture.display().to_string(),
         "capture_protocol": meta.protocol,
         "capture_started_unix_ns": meta.started_unix_ns,
-        "sessions": sessions.len(),
+        "sessions": sessions,
         "requests": replayed,
         "writes_skipped": if options.allow_writes { 0 } else { writes },
         "allow_writes": options.allow_writes,

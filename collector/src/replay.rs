@@ -78,6 +78,10 @@ impl Comparison {
 /// (numbers, UUIDs, long hex) replaced by `:id`, so `/item/17` and `/item/18` are one endpoint
 /// with enough requests to compare.
 fn endpoint(o: &Outcome) -> String {
+    // A Postgres unit's path is its normalized query already: `?` and `/` are SQL there.
+    if o.method == "SQL" {
+        return format!("SQL {}", o.path);
+    }
     let path = o.path.split('?').next().unwrap_or_default();
     let route: Vec<&str> = path
         .split('/')

@@ -100,33 +100,22 @@ pub fn replay(mut sessions: Vec<Session>, options: &ReplayOptions) -> Replayed {
     let unframed = sessions.iter().map(|s| s.unframed_bytes).sum();
     // With recorded timing, sessions start in the order they started in the capture.
     sessions.sort_by_key(|s| s.requests.first().map_or(u64::MAX, |r| r.ts_unix_ns));
-    let schedule = Schedule {
-        started: Instant::now(),
-        first_ns: sessions
+    let schedule = Schedule::new(
+        sessions
             .iter()
             .filter_map(|s| s.requests.first())
             .map(|r| r.ts_unix_ns)
             .min()
             .unwrap_or(0),
-    };
-    let queue = Mutex::new(sessions.into_iter().collect::<VecDeque<_>>());
-    let results = Mutex::new((Vec::new(), 0u64));
-    std::thread::scope(|scope| {
-        for _ in 0..options.concurrency.max(1) {
-            scope.spawn(|| {
-                loop {
-                    let next = queue.lock().ok().and_then(|mut q| q.pop_front());
-                    let Some(session) = next else { break };
-                    let (outcomes, skipped) = run_session(&session, options, &schedule);
-                    if let Ok(mut r) = results.lock() {
-                        r.0.extend(outcomes);
-                        r.1 += skipped;
-                    }
-                }
-            });
-        }
-    });
-    let (mut outcomes, skipped_writes) = results.into_inner().unwrap_or_default();
+    );
+    let mut outcomes = Vec::new();
+    let mut skipped_writes = 0;
+    for (o, skipped) in in_parallel(sessions, options.concurrency, |session| {
+        run_session(&session, options, &schedule)
+    }) {
+        outcomes.extend(o);
+        skipped_writes += skipped;
+    }
     outcomes.sort_by_key(|o| (o.session, o.index));
     Replayed {
         outcomes,
@@ -144,14 +133,48 @@ fn connect(options: &ReplayOptions) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
+/// Runs `work` on every session, `concurrency` sessions at once, taken in their order (the
+/// HTTP and the Postgres replays share it); the results in no particular order.
+pub(crate) fn in_parallel<S: Send, R: Send>(
+    sessions: Vec<S>,
+    concurrency: usize,
+    work: impl Fn(S) -> R + Sync,
+) -> Vec<R> {
+    let queue = Mutex::new(sessions.into_iter().collect::<VecDeque<_>>());
+    let results = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..concurrency.max(1) {
+            scope.spawn(|| {
+                loop {
+                    let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+                    let Some(session) = next else { break };
+                    let r = work(session);
+                    if let Ok(mut out) = results.lock() {
+                        out.push(r);
+                    }
+                }
+            });
+        }
+    });
+    results.into_inner().unwrap_or_default()
+}
+
 /// The replay's clock for recorded timing.
-struct Schedule {
+pub(crate) struct Schedule {
     started: Instant,
     /// The capture's first request time (Unix ns).
     first_ns: u64,
 }
 
 impl Schedule {
+    /// A clock started now, at the capture's first request time `first_ns`.
+    pub(crate) fn new(first_ns: u64) -> Self {
+        Self {
+            started: Instant::now(),
+            first_ns,
+        }
+    }
+
     /// When a request recorded at `ts_unix_ns` is due, or `None` when sent as fast as possible.
     fn due(&self, timing: Timing, ts_unix_ns: u64) -> Option<Instant> {
         match timing {
@@ -160,6 +183,22 @@ impl Schedule {
                 let offset = ts_unix_ns.saturating_sub(self.first_ns) as f64 / speed.max(1e-6);
                 Some(self.started + Duration::from_nanos(offset.min(u64::MAX as f64) as u64))
             }
+        }
+    }
+
+    /// Sleeps until a request recorded at `ts_unix_ns` is due; returns how late it is (ns, 0
+    /// when on time or sent as fast as possible).
+    pub(crate) fn wait(&self, timing: Timing, ts_unix_ns: u64) -> u64 {
+        let Some(due) = self.due(timing, ts_unix_ns) else {
+            return 0;
+        };
+        let now = Instant::now();
+        match due.checked_duration_since(now) {
+            Some(wait) => {
+                std::thread::sleep(wait);
+                0
+            }
+            None => now.duration_since(due).as_nanos() as u64,
         }
     }
 }
@@ -194,13 +233,7 @@ fn run_session(
             body_fields: Vec::new(),
             body_excerpt: String::new(),
         };
-        if let Some(due) = schedule.due(options.timing, req.ts_unix_ns) {
-            let now = Instant::now();
-            match due.checked_duration_since(now) {
-                Some(wait) => std::thread::sleep(wait),
-                None => outcome.late_ns = now.duration_since(due).as_nanos() as u64,
-            }
-        }
+        outcome.late_ns = schedule.wait(options.timing, req.ts_unix_ns);
         let stream = match conn.take().map_or_else(|| connect(options), Ok) {
             Ok(s) => s,
             Err(e) => {

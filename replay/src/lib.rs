@@ -9,9 +9,14 @@
 //! Safety valves: only the given target is ever contacted; requests with methods that change
 //! state (`POST`, `PUT`, `PATCH`, `DELETE`) are skipped and counted unless writes are allowed;
 //! every read and write has a timeout.
+//!
+//! Postgres sessions (`postgres`) are replayed the same way, unit by unit (a simple Query, or
+//! an extended-protocol group up to its Sync), with statements that may change data refused
+//! unless writes are allowed, and compared per normalized query.
 
 pub mod http;
 pub mod noise;
+pub mod postgres;
 pub mod session;
 
 pub use http::{Outcome, ReplayOptions, Replayed, Timing, replay};

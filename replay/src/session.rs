@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use bakeoff_capture::{Direction, Kind, Record};
+use bakeoff_capture::{ConnInfo, Direction, Kind, Record};
 
 /// One request as recorded: its exact bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,19 +29,43 @@ pub struct Session {
 }
 
 /// Per connection: request-side bytes, with the time each piece was recorded, and losses.
+/// Shared by the HTTP and the Postgres framers.
 #[derive(Default)]
-struct Stream {
-    server: Option<bool>,
-    bytes: Vec<u8>,
+pub(crate) struct Stream {
+    pub(crate) server: Option<bool>,
+    /// What the `Open` record said (Postgres sessions joined mid-way take their state from it).
+    pub(crate) info: Option<ConnInfo>,
+    pub(crate) bytes: Vec<u8>,
     /// (offset in `bytes`, ts) of each piece.
-    times: Vec<(usize, u64)>,
+    pub(crate) times: Vec<(usize, u64)>,
     /// Offset of the first loss: nothing after it is framed.
-    lost_at: Option<usize>,
+    pub(crate) lost_at: Option<usize>,
+}
+
+impl Stream {
+    /// When the piece holding byte `at` was recorded.
+    pub(crate) fn ts_at(&self, at: usize) -> u64 {
+        self.times
+            .iter()
+            .take_while(|(off, _)| *off <= at)
+            .last()
+            .map_or(0, |(_, t)| *t)
+    }
 }
 
 /// The sessions of a capture's records (HTTP/1 requests of connections the recorded process
 /// served, or made when it was the client).
 pub fn sessions(records: impl IntoIterator<Item = Record>) -> Vec<Session> {
+    request_streams(records)
+        .into_iter()
+        .map(|(conn, s)| frame(conn, s))
+        .filter(|s| !s.requests.is_empty() || s.unframed_bytes > 0)
+        .collect()
+}
+
+/// Per connection, in connection order: its request side (what a server read, or what a
+/// client wrote), with the pieces' times and the first loss.
+pub(crate) fn request_streams(records: impl IntoIterator<Item = Record>) -> BTreeMap<u64, Stream> {
     let mut streams: BTreeMap<u64, Stream> = BTreeMap::new();
     for r in records {
         let s = streams.entry(r.conn).or_default();
@@ -53,6 +77,7 @@ pub fn sessions(records: impl IntoIterator<Item = Record>) -> Vec<Session> {
                         "client" => Some(false),
                         _ => None,
                     };
+                    s.info = Some(info);
                 }
             }
             Kind::Data | Kind::Loss => {
@@ -75,10 +100,6 @@ pub fn sessions(records: impl IntoIterator<Item = Record>) -> Vec<Session> {
         }
     }
     streams
-        .into_iter()
-        .map(|(conn, s)| frame(conn, s))
-        .filter(|s| !s.requests.is_empty() || s.unframed_bytes > 0)
-        .collect()
 }
 
 fn frame(conn: u64, s: Stream) -> Session {
@@ -93,17 +114,11 @@ fn frame(conn: u64, s: Stream) -> Session {
     while at < bytes.len() {
         match request_len(&bytes[at..]) {
             Some((len, method, path)) => {
-                let ts = s
-                    .times
-                    .iter()
-                    .take_while(|(off, _)| *off <= at)
-                    .last()
-                    .map_or(0, |(_, t)| *t);
                 session.requests.push(Request {
                     method,
                     path,
                     bytes: bytes[at..at + len].to_vec(),
-                    ts_unix_ns: ts,
+                    ts_unix_ns: s.ts_at(at),
                 });
                 at += len;
             }
