@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &[
             "proto/bakeoff/v1/ingest.proto",
             "proto/bakeoff/v1/query.proto",
+            "proto/bakeoff/v1/control.proto",
         ],
         &["proto"],
     )?;

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod capture;
 pub mod drilldown;
 pub mod experiments;
 pub mod ingest;

@@ -1,5 +1,7 @@
 //! `bakeoff`: the collector (`serve`) and its terminal client (`events`).
 
+mod capture_cli;
+
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
@@ -73,6 +75,13 @@ enum Cmd {
         /// Delete events older than this many hours (0 keeps everything).
         #[arg(long, env = "BAKEOFF_RETENTION_HOURS", default_value_t = 168)]
         retention_hours: u64,
+        /// Where captures asked of probes are written (default: `captures/` beside --db).
+        #[arg(long, env = "BAKEOFF_CAPTURE_DIR")]
+        capture_dir: Option<PathBuf>,
+        /// The audit log of capture commands (default: `audit.log` beside --db). A command it
+        /// cannot record is refused.
+        #[arg(long = "audit-log", env = "BAKEOFF_AUDIT_LOG")]
+        serve_audit_log: Option<PathBuf>,
         #[command(flatten)]
         api_security: ApiSecurityArgs,
     },
@@ -188,6 +197,12 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Capture a cohort's traffic through its probes (redacted on the probes): start, ls,
+    /// status, stop, get.
+    Capture {
+        #[command(subcommand)]
+        action: capture_cli::CaptureCmd,
     },
     /// Show the audit log of capture, replay and shadow commands and verify its hash chain.
     /// Exit 1 when it is damaged (the entries before the damage are shown).
@@ -454,19 +469,11 @@ fn replay(
         );
         let options = options.clone();
         let addrs = addrs.clone();
+        // Interleaved request by request: A, B and A2 see the same moments of this host.
         let run = move || {
-            addrs
-                .iter()
-                .map(|&addr| {
-                    let r = bakeoff_replay::replay(
-                        sessions.clone(),
-                        &bakeoff_replay::ReplayOptions {
-                            target: addr,
-                            ..options.clone()
-                        },
-                    );
-                    (r, Vec::new())
-                })
+            bakeoff_replay::replay_each(sessions, &options, &addrs)
+                .into_iter()
+                .map(|r| (r, Vec::new()))
                 .collect()
         };
         (counts, Box::new(run))
@@ -567,8 +574,18 @@ fn main() {
             judge_lag,
             evaluate_every,
             retention_hours,
+            capture_dir,
+            serve_audit_log,
             api_security,
         } => {
+            let beside_db = db
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default();
+            let capture_paths = (
+                capture_dir.unwrap_or_else(|| beside_db.join("captures")),
+                serve_audit_log.unwrap_or_else(|| beside_db.join("audit.log")),
+            );
             let tls = match (tls_cert, tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles {
                     cert,
@@ -608,6 +625,7 @@ fn main() {
                 ),
                 Duration::from_secs_f64(judge_lag.clamp(0.0, 3600.0)),
                 retention_hours,
+                capture_paths,
             )
         }
         Cmd::Verdict {
@@ -709,6 +727,11 @@ fn main() {
         } => api
             .client()
             .and_then(|client| events(&client, &filters, group_by.as_deref(), limit, json)),
+        Cmd::Capture { action } => match capture_cli::run(action) {
+            Ok(0) => Ok(()),
+            Ok(code) => std::process::exit(code),
+            Err(e) => Err(e),
+        },
         Cmd::Audit {
             log,
             json,
@@ -848,6 +871,7 @@ struct Security<'a> {
     api: &'a ApiSecurityArgs,
 }
 
+#[allow(clippy::too_many_arguments)] // One call site, each argument a distinct setting.
 fn serve(
     grpc: SocketAddr,
     http: SocketAddr,
@@ -859,8 +883,18 @@ fn serve(
     (experiments, evaluate_every): (Vec<Experiment>, Duration),
     judge_lag: Duration,
     retention_hours: u64,
+    (capture_dir, audit_log): (PathBuf, PathBuf),
 ) -> Result<()> {
     // Settings first: a bad tokens file or certificate stops the start before any store work.
+    let captures = Arc::new(
+        bakeoff_collector::capture::Captures::open(&capture_dir).with_context(|| {
+            format!("cannot use the capture directory {}", capture_dir.display())
+        })?,
+    );
+    let audit = Arc::new(std::sync::Mutex::new(
+        AuditLog::open(&audit_log)
+            .with_context(|| format!("cannot use the audit log {}", audit_log.display()))?,
+    ));
     let tokens = security
         .api_tokens
         .as_deref()
@@ -943,7 +977,19 @@ fn serve(
             metrics: Arc::new(bakeoff_collector::metrics::registry(stats.clone())),
             verdicts: verdicts.clone(),
             access: access.clone(),
+            captures: captures.clone(),
+            audit: Some(audit),
         });
+        {
+            let captures = captures.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    captures.expire();
+                }
+            });
+        }
         if !experiments.is_empty() {
             tracing::info!(
                 experiments = experiments.len(),
@@ -995,6 +1041,12 @@ fn serve(
         }
         let grpc_server = grpc_builder
             .add_service(ingest)
+            .add_service(
+                bakeoff_proto::v1::control_server::ControlServer::new(
+                    bakeoff_collector::api::control::ControlService::new(captures.clone()),
+                )
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
             .add_service(QueryServer::new(
                 QueryService::new(store.clone(), live.clone()).with_access(access.clone()),
             ))

@@ -59,4 +59,10 @@ pub trait Decoder: std::fmt::Debug + Send {
 
     /// Requests waiting for an answer.
     fn in_flight(&self) -> usize;
+
+    /// What a replay of this session needs from before a capture started (Postgres: startup
+    /// parameters, session `SET`s, prepared statements), as `key = value` attributes.
+    fn session_state(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }

@@ -692,6 +692,28 @@ struct Entry {
     used: u64,
     /// Raw text hash, to reuse the normalization when the same text is parsed again.
     raw: u64,
+    /// The exact text (when it was captured whole), for a capture's replay of a session
+    /// prepared before the capture.
+    sql: Option<Box<str>>,
+}
+
+/// Session state kept for captures: startup parameters and `SET`s (at most this many each).
+const MAX_SESSION_ITEMS: usize = 32;
+
+/// Bytes an entry counts against `MAX_STATEMENT_BYTES`.
+fn entry_bytes(e: &Entry, name: &[u8]) -> usize {
+    e.stmt.path.len() + name.len() + e.sql.as_ref().map_or(0, |s| s.len())
+}
+
+/// A session-level `SET` (not `SET LOCAL`, which ends with its transaction, nor `SET
+/// TRANSACTION`).
+fn session_set(sql: &str) -> bool {
+    // Per statement of every simple query: no allocation.
+    let mut words = sql.split_ascii_whitespace();
+    words.next().is_some_and(|w| w.eq_ignore_ascii_case("SET"))
+        && !words.next().is_some_and(|w| {
+            w.eq_ignore_ascii_case("LOCAL") || w.eq_ignore_ascii_case("TRANSACTION")
+        })
 }
 
 /// Pairing state (everything but the two framers).
@@ -734,6 +756,11 @@ struct Pairing {
     statements_dropped: bool,
     user: Option<String>,
     database: Option<String>,
+    /// Startup parameters other than user and database (application_name, options, ...).
+    params: Vec<(String, String)>,
+    /// Session-level `SET`s, in order (a replay of a session open before a capture runs them
+    /// first).
+    sets: Vec<String>,
 }
 
 /// Postgres state of one connection.
@@ -869,6 +896,34 @@ impl Decoder for PostgresExchange {
         }
         st.enders = 0;
         st.acc = Acc::default();
+        out
+    }
+
+    fn session_state(&self) -> Vec<(String, String)> {
+        let st = &self.st;
+        let mut out = Vec::new();
+        if let Some(u) = &st.user {
+            out.push(("pg.user".into(), u.clone()));
+        }
+        if let Some(d) = &st.database {
+            out.push(("pg.database".into(), d.clone()));
+        }
+        for (k, v) in &st.params {
+            out.push((format!("pg.param.{k}"), v.clone()));
+        }
+        for (i, set) in st.sets.iter().enumerate() {
+            out.push((format!("pg.set.{i:02}"), set.clone()));
+        }
+        for (name, e) in &st.statements {
+            if let Some(sql) = &e.sql
+                && !name.is_empty()
+            {
+                out.push((
+                    format!("pg.statement.{}", String::from_utf8_lossy(name)),
+                    sql.to_string(),
+                ));
+            }
+        }
         out
     }
 
@@ -1245,6 +1300,10 @@ impl Pairing {
             match key {
                 b"user" => self.user = Some(value),
                 b"database" => self.database = Some(value),
+                _ if self.params.len() < MAX_SESSION_ITEMS => self.params.push((
+                    String::from_utf8_lossy(&key[..key.len().min(MAX_NAME)]).into_owned(),
+                    value,
+                )),
                 _ => {}
             }
             rest = next.unwrap_or_default();
@@ -1272,6 +1331,16 @@ impl Pairing {
                 s
             })
             .collect();
+        for (i, (piece, stmt)) in pieces.iter().zip(&stmts).enumerate() {
+            if matches!(&*stmt.path, "RESET ALL" | "DISCARD ALL") {
+                self.sets.clear();
+            } else if session_set(piece)
+                && !(cut && i == last)
+                && self.sets.len() < MAX_SESSION_ITEMS
+            {
+                self.sets.push(piece.trim().to_string());
+            }
+        }
         if stmts.iter().any(|s| {
             matches!(
                 &*s.path,
@@ -1296,10 +1365,12 @@ impl Pairing {
             e.used = self.uses;
             return e.stmt.clone();
         }
-        let stmt = Stmt::from_sql(&text(raw, cut), cut);
-        let size = stmt.path.len() + name.len();
+        let sql = text(raw, cut);
+        let stmt = Stmt::from_sql(&sql, cut);
+        let sql = (!cut).then(|| Box::<str>::from(sql.as_ref()));
+        let size = stmt.path.len() + name.len() + sql.as_ref().map_or(0, |s| s.len());
         if let Some(old) = self.statements.remove(name) {
-            self.statement_bytes -= old.stmt.path.len() + name.len();
+            self.statement_bytes -= entry_bytes(&old, name);
         }
         while !self.statements.is_empty()
             && (self.statements.len() >= MAX_STATEMENTS
@@ -1315,7 +1386,7 @@ impl Pairing {
                 break;
             };
             if let Some(e) = self.statements.remove(&victim) {
-                self.statement_bytes -= e.stmt.path.len() + victim.len();
+                self.statement_bytes -= entry_bytes(&e, &victim);
             }
             self.statements_dropped = true;
         }
@@ -1325,6 +1396,7 @@ impl Pairing {
                 stmt: stmt.clone(),
                 used: self.uses,
                 raw: h,
+                sql,
             },
         );
         self.statement_bytes += size;
@@ -2407,6 +2479,44 @@ mod tests {
         assert_eq!(attr(c, "db.sqlstate"), Some("22012"));
         assert_eq!(attr(c, "db.skipped"), Some("1"));
         assert_eq!(h.x.in_flight(), 0);
+    }
+
+    #[test]
+    fn session_state_keeps_startup_sets_and_prepared_statements_for_a_capture() {
+        let mut h = H::new(false);
+        h.req(&[startup("alice", "shop")]);
+        h.req(&[q(
+            "SET search_path = app, public; SET LOCAL work_mem = '1MB'; SELECT 1",
+        )]);
+        h.req(&[p("s1", "SELECT name FROM users WHERE id = $1"), sync()]);
+        h.req(&[p("", "SELECT 2"), sync()]);
+        let state: std::collections::BTreeMap<String, String> =
+            h.x.session_state().into_iter().collect();
+        assert_eq!(state.get("pg.user").map(String::as_str), Some("alice"));
+        assert_eq!(state.get("pg.database").map(String::as_str), Some("shop"));
+        assert_eq!(
+            state.get("pg.param.application_name").map(String::as_str),
+            Some("test")
+        );
+        assert_eq!(
+            state.get("pg.set.00").map(String::as_str),
+            Some("SET search_path = app, public")
+        );
+        assert!(!state.contains_key("pg.set.01"), "{state:?}");
+        assert_eq!(
+            state.get("pg.statement.s1").map(String::as_str),
+            Some("SELECT name FROM users WHERE id = $1")
+        );
+        // The unnamed statement is not session state.
+        assert_eq!(state.len(), 5, "{state:?}");
+        h.req(&[q("DISCARD ALL")]);
+        let state = h.x.session_state();
+        assert!(
+            !state
+                .iter()
+                .any(|(k, _)| k.starts_with("pg.set") || k.starts_with("pg.statement")),
+            "{state:?}"
+        );
     }
 
     #[test]

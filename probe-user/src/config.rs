@@ -163,6 +163,10 @@ pub struct CollectorConfig {
     /// TLS towards the collector (an `https://` endpoint); with `cert` and `key`, mutual TLS.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Take capture commands from the collector over the control channel (`bakeoff capture
+    /// start`). Captures are redacted here, with this probe's rules plus the command's.
+    #[serde(default = "default_true")]
+    pub captures: bool,
 }
 
 /// PEM files for TLS and mutual TLS (rustls).
@@ -237,6 +241,7 @@ impl CollectorConfig {
             spool_dir: None,
             spool_bytes: default_spool_bytes(),
             tls: None,
+            captures: true,
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod output;
 pub mod pipeline;
 pub mod preflight;
 pub mod recording;
+pub mod remote_capture;
 pub mod summary;
 pub mod tls;
 

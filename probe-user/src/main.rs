@@ -8,6 +8,7 @@ use bakeoff_probe::{
     cohort::{CgroupMatch, Cohorts, cgroup_plan, cgroup2_root},
     config::{CohortRule, CollectorConfig, Config, DataPath, OtlpConfig, TlsConfig},
     export::{
+        control::{Control, FromCollector},
         grpc::{ExportConfig, Exporter},
         otlp::{OtlpExportConfig, OtlpExporter},
         tls::client_tls,
@@ -17,6 +18,7 @@ use bakeoff_probe::{
     metrics::{self, ProbeCounters},
     output::JsonLines,
     pipeline::Pipeline,
+    remote_capture::RemoteCaptures,
     summary::Summary,
     tls::TlsWatch,
 };
@@ -473,6 +475,34 @@ fn run(cli: Cli) -> Result<()> {
             ),
             None => None,
         };
+        // The control channel beside the event stream: captures on demand.
+        let control = match &config.collector {
+            Some(c) => {
+                if c.tls.is_none() && c.captures {
+                    tracing::warn!(
+                        endpoint = c.endpoint,
+                        "the control channel has no TLS: capture commands are taken from whoever \
+                         answers at the collector's address (collector.tls, or captures: false)"
+                    );
+                }
+                Some(Control::start(
+                    c.endpoint.clone(),
+                    client_tls(&c.endpoint, c.tls.as_ref()).context("collector TLS settings")?,
+                    hello(&config, &pipeline),
+                ))
+            }
+            None => None,
+        };
+        let mut control = control;
+        let mut remote = RemoteCaptures::new(
+            config.collector.as_ref().is_some_and(|c| c.captures),
+            config.experiment.clone(),
+            bakeoff_capture::redact::Rules {
+                headers: cli.redact_headers.clone(),
+                json_fields: cli.redact_json.clone(),
+                regexes: cli.redact_regex.clone(),
+            },
+        );
         let otlp = match &config.otlp {
             Some(o) => Some(OtlpExporter::start(OtlpExportConfig {
                 endpoint: o.endpoint.clone(),
@@ -543,11 +573,28 @@ fn run(cli: Cli) -> Result<()> {
                     break;
                 }
                 _ = &mut stop => break,
+                command = async {
+                    match control.as_mut() {
+                        Some(c) => c.commands.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match (command, &control) {
+                    (Some(FromCollector::Command(command)), Some(c)) => {
+                        remote.command(command, &mut pipeline, c);
+                    }
+                    (Some(FromCollector::Disconnected), _) => remote.disconnected(&mut pipeline),
+                    // The channel's task ended: no more commands.
+                    _ => control = None,
+                },
                 guard = ring.readable_mut() => {
                     let mut guard = guard.context("ring buffer poll failed")?;
                     // Bounded: under a flood the loop still turns (signals, timers, export).
                     if !drain(guard.get_inner_mut(), &mut pipeline, &mut kernel, &mut events, DRAIN_BATCH) {
                         guard.clear_ready();
+                    }
+                    if let Some(c) = &control && remote.is_active() {
+                        remote.count(&events);
+                        remote.tick(&mut pipeline, c, false);
                     }
                     sink.write(&mut events)?;
                     hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
@@ -555,6 +602,10 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 _ = poll.tick() => {
                     drain(ring.get_mut(), &mut pipeline, &mut kernel, &mut events, DRAIN_BATCH);
+                    if let Some(c) = &control && remote.is_active() {
+                        remote.count(&events);
+                        remote.tick(&mut pipeline, c, false);
+                    }
                     sink.write(&mut events)?;
                     hooks.update(&mut kernel, &mut pipeline, !cgroups.is_empty())?;
                     follow_membership(&mut tls, &mut kernel, &mut pipeline);
@@ -573,6 +624,10 @@ fn run(cli: Cli) -> Result<()> {
                         follow_membership(&mut tls, &mut kernel, &mut pipeline);
                     }
                     pipeline.expire(&mut events);
+                    if let Some(c) = &control {
+                        remote.count(&events);
+                        remote.tick(&mut pipeline, c, true);
+                    }
                     sink.write(&mut events)?;
                     if let Some(sample) = budget.update() {
                         kernel.set_sample(sample)?;
@@ -624,6 +679,11 @@ fn run(cli: Cli) -> Result<()> {
         pipeline.flush(&mut events);
         sink.write(&mut events)?;
         tracing::debug!("stop: events written");
+        if let Some(c) = control {
+            remote.count(&events);
+            remote.finish(&mut pipeline, &c, "the probe stopped".into());
+            c.shutdown(Duration::from_secs(2)).await;
+        }
         let otlp_stats = match otlp {
             Some(o) => {
                 let stats = o.stats.clone();
@@ -1003,6 +1063,8 @@ fn hello(config: &Config, pipeline: &Pipeline) -> bakeoff_proto::v1::ProbeHello 
             .map(|s| s.trim().to_string())
             .unwrap_or_default(),
         cohorts: pipeline.cohorts().names().to_vec(),
+        experiment: config.experiment.clone(),
+        captures: config.collector.as_ref().is_some_and(|c| c.captures),
     }
 }
 

@@ -130,6 +130,19 @@ impl Pipeline {
         }
     }
 
+    /// The recording in progress, if any.
+    pub fn recording(&self) -> Option<&crate::recording::Recording> {
+        self.recording.as_ref()
+    }
+
+    /// Stops recording and hands the recording over (what was tapped written first), for its
+    /// owner to finish.
+    pub fn take_recording(&mut self) -> Option<crate::recording::Recording> {
+        self.record();
+        self.table.tap(None);
+        self.recording.take()
+    }
+
     /// Ends the recording, if any: the capture file is completed. Its counters, as JSON.
     pub fn finish_recording(&mut self) -> serde_json::Value {
         self.record();

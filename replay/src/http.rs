@@ -95,7 +95,22 @@ pub struct Replayed {
 }
 
 /// Replays `sessions` against `options.target`.
-pub fn replay(mut sessions: Vec<Session>, options: &ReplayOptions) -> Replayed {
+pub fn replay(sessions: Vec<Session>, options: &ReplayOptions) -> Replayed {
+    replay_each(sessions, options, &[options.target])
+        .pop()
+        .unwrap_or_default()
+}
+
+/// Replays `sessions` against each of `targets` at once, interleaved request by request (each
+/// request goes to every target before the next, the first target drawn per request), so A,
+/// B and A2 see the same moments of the replaying host and of the network: a replay on a busy
+/// machine does not make one version look slower for having run later. One result per target,
+/// in their order; `options.target` is not used.
+pub fn replay_each(
+    mut sessions: Vec<Session>,
+    options: &ReplayOptions,
+    targets: &[SocketAddr],
+) -> Vec<Replayed> {
     let count = sessions.len();
     let unframed = sessions.iter().map(|s| s.unframed_bytes).sum();
     // With recorded timing, sessions start in the order they started in the capture.
@@ -108,25 +123,30 @@ pub fn replay(mut sessions: Vec<Session>, options: &ReplayOptions) -> Replayed {
             .min()
             .unwrap_or(0),
     );
-    let mut outcomes = Vec::new();
-    let mut skipped_writes = 0;
-    for (o, skipped) in in_parallel(sessions, options.concurrency, |session| {
-        run_session(&session, options, &schedule)
+    let mut out: Vec<Replayed> = targets
+        .iter()
+        .map(|_| Replayed {
+            sessions: count,
+            unframed_bytes: unframed,
+            ..Replayed::default()
+        })
+        .collect();
+    for (sides, skipped) in in_parallel(sessions, options.concurrency, |session| {
+        run_session(&session, options, targets, &schedule)
     }) {
-        outcomes.extend(o);
-        skipped_writes += skipped;
+        for (r, side) in out.iter_mut().zip(sides) {
+            r.outcomes.extend(side);
+            r.skipped_writes += skipped;
+        }
     }
-    outcomes.sort_by_key(|o| (o.session, o.index));
-    Replayed {
-        outcomes,
-        sessions: count,
-        skipped_writes,
-        unframed_bytes: unframed,
+    for r in &mut out {
+        r.outcomes.sort_by_key(|o| (o.session, o.index));
     }
+    out
 }
 
-fn connect(options: &ReplayOptions) -> std::io::Result<TcpStream> {
-    let s = TcpStream::connect_timeout(&options.target, options.timeout)?;
+fn connect(target: &SocketAddr, options: &ReplayOptions) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(target, options.timeout)?;
     s.set_read_timeout(Some(options.timeout))?;
     s.set_write_timeout(Some(options.timeout))?;
     s.set_nodelay(true)?;
@@ -203,72 +223,82 @@ impl Schedule {
     }
 }
 
-/// One session, in order, on one connection (a new one after a close or an error).
+/// One session, in order, on one connection per target (a new one after a close or an
+/// error); each request to every target, the first drawn per request. Per target, its outcomes.
 fn run_session(
     session: &Session,
     options: &ReplayOptions,
+    targets: &[SocketAddr],
     schedule: &Schedule,
-) -> (Vec<Outcome>, u64) {
-    let mut out = Vec::new();
+) -> (Vec<Vec<Outcome>>, u64) {
+    let mut out: Vec<Vec<Outcome>> = targets.iter().map(|_| Vec::new()).collect();
     let mut skipped = 0;
-    let mut conn: Option<TcpStream> = None;
+    let mut conns: Vec<Option<TcpStream>> = targets.iter().map(|_| None).collect();
     for (index, req) in session.requests.iter().enumerate() {
         if !options.allow_writes && WRITE_METHODS.contains(&req.method.as_str()) {
             skipped += 1;
             continue;
         }
-        let mut outcome = Outcome {
-            session: session.conn,
-            index,
-            method: req.method.clone(),
-            path: req.path.clone(),
-            status: None,
-            latency_ns: 0,
-            body_hash: 0,
-            body_bytes: 0,
-            error: None,
-            late_ns: 0,
-            headers_hash: 0,
-            headers: Vec::new(),
-            body_fields: Vec::new(),
-            body_excerpt: String::new(),
-        };
-        outcome.late_ns = schedule.wait(options.timing, req.ts_unix_ns);
-        let stream = match conn.take().map_or_else(|| connect(options), Ok) {
-            Ok(s) => s,
-            Err(e) => {
-                outcome.error = Some(format!("connect: {e}"));
-                out.push(outcome);
-                continue;
+        let late_ns = schedule.wait(options.timing, req.ts_unix_ns);
+        let first = (crate::postgres::mix(session.conn, index as u64) % targets.len().max(1) as u64)
+            as usize;
+        for k in 0..targets.len() {
+            let t = (first + k) % targets.len();
+            let mut outcome = Outcome {
+                session: session.conn,
+                index,
+                method: req.method.clone(),
+                path: req.path.clone(),
+                status: None,
+                latency_ns: 0,
+                body_hash: 0,
+                body_bytes: 0,
+                error: None,
+                late_ns,
+                headers_hash: 0,
+                headers: Vec::new(),
+                body_fields: Vec::new(),
+                body_excerpt: String::new(),
+            };
+            let stream = match conns[t]
+                .take()
+                .map_or_else(|| connect(&targets[t], options), Ok)
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    outcome.error = Some(format!("connect: {e}"));
+                    out[t].push(outcome);
+                    continue;
+                }
+            };
+            let started = Instant::now();
+            match exchange(stream, &req.bytes, req.method == "HEAD") {
+                Ok((response, keep)) => {
+                    outcome.latency_ns = started.elapsed().as_nanos() as u64;
+                    outcome.status = Some(response.status);
+                    outcome.body_bytes = response.body.len() as u64;
+                    let n = options.noise.normalize(
+                        response.status,
+                        response
+                            .headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_slice())),
+                        &response.body,
+                    );
+                    outcome.body_hash = n.body_hash();
+                    outcome.headers_hash = n.headers_hash();
+                    outcome.body_excerpt = n.excerpt();
+                    outcome.headers = n.headers;
+                    outcome.body_fields = n.fields;
+                    conns[t] = keep;
+                }
+                Err(e) => {
+                    outcome.latency_ns = started.elapsed().as_nanos() as u64;
+                    outcome.error = Some(e);
+                }
             }
-        };
-        let started = Instant::now();
-        match exchange(stream, &req.bytes, req.method == "HEAD") {
-            Ok((response, keep)) => {
-                outcome.latency_ns = started.elapsed().as_nanos() as u64;
-                outcome.status = Some(response.status);
-                outcome.body_bytes = response.body.len() as u64;
-                let n = options.noise.normalize(
-                    response.status,
-                    response
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_slice())),
-                    &response.body,
-                );
-                outcome.body_hash = n.body_hash();
-                outcome.headers_hash = n.headers_hash();
-                outcome.body_excerpt = n.excerpt();
-                outcome.headers = n.headers;
-                outcome.body_fields = n.fields;
-                conn = keep;
-            }
-            Err(e) => {
-                outcome.latency_ns = started.elapsed().as_nanos() as u64;
-                outcome.error = Some(e);
-            }
+            out[t].push(outcome);
         }
-        out.push(outcome);
     }
     (out, skipped)
 }

@@ -19,7 +19,7 @@ pub mod noise;
 pub mod postgres;
 pub mod session;
 
-pub use http::{Outcome, ReplayOptions, Replayed, Timing, replay};
+pub use http::{Outcome, ReplayOptions, Replayed, Timing, replay, replay_each};
 pub use noise::{Noise, NoiseRules};
 pub use session::{Request, Session, sessions};
 

@@ -84,6 +84,8 @@ pub struct PgSession {
     pub params: Vec<(String, String)>,
     /// Named statements prepared before the capture (name, SQL), parsed before the first unit.
     pub prepared: Vec<(String, String)>,
+    /// Session `SET`s run before the capture (`pg.set.NN`, in order), run again first.
+    pub sets: Vec<String>,
     /// Recorded from the middle of the connection (no startup message).
     pub midstream: bool,
     pub units: Vec<Unit>,
@@ -430,6 +432,9 @@ fn frame(conn: u64, s: &Stream) -> PgSession {
         if let Some(name) = k.strip_prefix("pg.statement.") {
             names.statements.insert(name.to_string(), v.clone());
             session.prepared.push((name.to_string(), v.clone()));
+        } else if k.starts_with("pg.set.") {
+            // The attributes are sorted by key: `NN` keeps the order they ran in.
+            session.sets.push(v.clone());
         }
     }
     // Bytes before the first framed message of a stream recorded mid-way.
@@ -758,7 +763,7 @@ fn fnv(b: &[u8]) -> u64 {
 
 /// A well-mixed hash of two numbers (SplitMix64's finalizer): every bit depends on all of
 /// theirs, so its low bits do not follow a unit's position's parity as FNV's would.
-fn mix(a: u64, b: u64) -> u64 {
+pub(crate) fn mix(a: u64, b: u64) -> u64 {
     let mut z = a.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ b;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -1243,6 +1248,19 @@ fn open(s: &PgSession, o: &PgOptions, target: SocketAddr) -> Result<Conn, String
             conn.send(&r)?;
         }
     }
+    // The session's `SET`s from before the capture (one that could change data is left out
+    // unless writes are allowed, as its statements would be).
+    for set in s
+        .sets
+        .iter()
+        .filter(|set| o.replay.allow_writes || !is_write(set))
+    {
+        let mut b = set.as_bytes().to_vec();
+        b.push(0);
+        conn.send(&frontend_message(b'Q', &b))?;
+        let deadline = Instant::now() + o.replay.timeout;
+        while conn.next(deadline)?.0 != b'Z' {}
+    }
     if !s.prepared.is_empty() {
         let mut parse = Vec::new();
         for (name, sql) in &s.prepared {
@@ -1660,6 +1678,10 @@ mod tests {
             "pg.statement.s1".into(),
             "SELECT price FROM items WHERE id = $1".into(),
         );
+        info.attributes
+            .insert("pg.set.01".into(), "SET statement_timeout = 0".into());
+        info.attributes
+            .insert("pg.set.00".into(), "SET search_path = shop".into());
         let mut bytes = Vec::new();
         // The recording starts inside a message: framing starts at the next piece.
         let junk = b"ELECT 1\0".to_vec();
@@ -1700,6 +1722,10 @@ mod tests {
         assert_eq!(
             s.prepared,
             vec![("s1".into(), "SELECT price FROM items WHERE id = $1".into())]
+        );
+        assert_eq!(
+            s.sets,
+            ["SET search_path = shop", "SET statement_timeout = 0"]
         );
         let mut params = s.params.clone();
         params.sort();

@@ -95,6 +95,27 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -
 }
 
 /// Waits until a TCP port on loopback accepts connections.
+/// Waits for `child` to exit (killed after `timeout`, an error) and returns its output.
+pub fn wait_output(
+    mut child: std::process::Child,
+    timeout: Duration,
+) -> Result<std::process::Output> {
+    let deadline = std::time::Instant::now() + timeout;
+    while child.try_wait()?.is_none() {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            anyhow::bail!(
+                "still running after {timeout:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child.wait_with_output()?)
+}
+
 pub fn wait_for_port(port: u16, timeout: Duration) -> Result<()> {
     wait_for(&format!("127.0.0.1:{port}"), timeout, || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()

@@ -277,3 +277,293 @@ fn a_recorded_cohort_is_complete_and_redacted() -> Result<()> {
     }
     Ok(())
 }
+
+/// Every file under `dir` (recursively), as bytes.
+fn files(dir: &Path) -> Result<Vec<(std::path::PathBuf, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files(&p)?);
+        } else if let Ok(b) = std::fs::read(&p) {
+            out.push((p, b));
+        }
+    }
+    Ok(out)
+}
+
+/// `bakeoff capture start` through the collector: the probe (mutual TLS, control channel)
+/// records the cohort's next requests, redacts them, streams them to the collector, which
+/// writes the capture; the CLI follows it to its end and downloads it. Secrets never reach the
+/// collector: not in the capture, not in its database, logs or audit log. The audit log names
+/// the commands and the probe's certificate; a cohort no probe watches is refused by name.
+#[test]
+fn a_capture_asked_of_the_collector_is_recorded_by_the_probe_and_never_holds_secrets() -> Result<()>
+{
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "this test loads eBPF programs: run it as root (cargo xtask test)"
+    );
+    let dir = scratch_dir("capture-remote")?;
+    let collector_dir = dir.join("collector");
+    std::fs::create_dir_all(&collector_dir)?;
+    let pki = Pki::create(&dir)?;
+    let cg = Cgroup::create(&format!("bakeoff-capture-remote-{}", std::process::id()))?;
+    let (port, tls_port) = (free_port(), free_port());
+    std::fs::write(
+        dir.join("nginx.conf"),
+        nginx_conf(&dir, port, tls_port, &pki),
+    )?;
+    let _nginx = Guard::shell(
+        "nginx",
+        &format!(
+            "{}/usr/sbin/nginx -c {d}/nginx.conf -p {d}",
+            cg.exec_prefix(),
+            d = dir.display()
+        ),
+        &[],
+    )?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    wait_for_port(tls_port, Duration::from_secs(10))?;
+    let p = |f: &Path| f.display().to_string();
+    let collector = bakeoff_testkit::collector::Collector::start_with(
+        &collector_dir,
+        free_port(),
+        free_port(),
+        &[
+            "--tls-cert".into(),
+            p(&pki.server_cert),
+            "--tls-key".into(),
+            p(&pki.server_key),
+            "--tls-client-ca".into(),
+            p(&pki.ca),
+        ],
+    )?;
+    let api = format!("http://127.0.0.1:{}", collector.http_port);
+    let probe = ProbeRun::start(
+        &dir,
+        &[
+            "--experiment".into(),
+            "shop".into(),
+            "--cohort".into(),
+            format!("canary=cgroup:{}", cg.path().display()),
+            "--collector".into(),
+            format!("https://localhost:{}", collector.grpc_port),
+            "--collector-ca".into(),
+            p(&pki.ca),
+            "--collector-cert".into(),
+            p(&pki.client_cert),
+            "--collector-key".into(),
+            p(&pki.client_key),
+            "--redact-header".into(),
+            "X-Api-Key".into(),
+            "--payload-prefix".into(),
+            "4096".into(),
+            "--tls-plaintext".into(),
+        ],
+    )?;
+    // The probe's control channel is up when the collector lists it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = collector.get("/api/v1/captures")?;
+        if list["probes"].as_array().is_some_and(|p| !p.is_empty()) {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no control channel: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let bakeoff = bakeoff_testkit::process::bin("bakeoff")?;
+    // A cohort no probe watches: refused, naming what is connected.
+    let out = Command::new(&bakeoff)
+        .args(["capture", "start", "--api", &api, "--experiment", "shop"])
+        .args(["--cohort", "nobody", "--max-requests", "1"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("409") && err.contains("cohorts [\"canary\"]"),
+        "unwatched cohort: {err}"
+    );
+
+    let file = dir.join("remote.bkcap");
+    let cli = Command::new(&bakeoff)
+        .args(["capture", "start", "--api", &api, "--experiment", "shop"])
+        .args(["--cohort", "canary", "--max-requests", "8"])
+        .args(["--redact-json", "password", "--json", "-o"])
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // The probe confirms the capture, then traffic: 8 requests on 8 connections.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = collector.get("/api/v1/captures")?;
+        if list["captures"][0]["probes"][0]["confirmed"] == true {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the probe never confirmed the capture: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut sent = Vec::new();
+    for round in 0..2 {
+        for (scheme, p) in [("http", port), ("https", tls_port)] {
+            for post in [false, true] {
+                let target = format!("/r/{scheme}-{}-{round}", if post { "post" } else { "get" });
+                curl(&format!("{scheme}://localhost:{p}{target}"), &pki.ca, post)?;
+                sent.push(target);
+            }
+        }
+    }
+    let out = bakeoff_testkit::process::wait_output(cli, Duration::from_secs(60))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "capture start: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_str(&stdout)?;
+    ensure!(
+        info["state"] == "done"
+            && info["requests"].as_u64() == Some(8)
+            && info["probes"][0]["state"] == "done"
+            && info["probes"][0]["identity"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("cert-sha256:"))
+            && info["losses"]
+                .as_object()
+                .is_some_and(|l| l.values().all(|v| v == 0)),
+        "{info:#}"
+    );
+    // The downloaded capture: every request and response, redacted.
+    let reader = CaptureReader::new(std::fs::File::open(&file)?)?;
+    ensure!(
+        reader.meta().cohort == "canary" && reader.meta().experiment == "shop",
+        "{:?}",
+        reader.meta()
+    );
+    let mut streams: BTreeMap<(u64, u8), Vec<u8>> = BTreeMap::new();
+    for r in reader {
+        let r = r?;
+        if r.kind == Kind::Data {
+            streams
+                .entry((r.conn, r.direction as u8))
+                .or_default()
+                .extend_from_slice(&r.body);
+        }
+    }
+    let requests: Vec<String> = streams
+        .iter()
+        .filter(|((_, d), _)| *d == Direction::Ingress as u8)
+        .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    for target in &sent {
+        ensure!(
+            requests
+                .iter()
+                .filter(|r| r.contains(target.as_str()))
+                .count()
+                == 1,
+            "{target} not recorded once: {requests:#?}"
+        );
+    }
+    ensure!(
+        requests
+            .iter()
+            .filter(|r| r.contains(r#""password":"************""#))
+            .count()
+            == 4
+            && requests.iter().all(|r| r.contains("X-Api-Key: ****")),
+        "{requests:#?}"
+    );
+    // `capture ls` lists it.
+    let ls = Command::new(&bakeoff)
+        .args(["capture", "ls", "--api", &api])
+        .output()?;
+    let ls = String::from_utf8_lossy(&ls.stdout);
+    ensure!(
+        ls.contains(info["id"].as_str().unwrap_or("?")) && ls.contains("done"),
+        "{ls}"
+    );
+    // A capture without limits runs until stopped: `--detach` gives its id, `capture stop`
+    // ends it (the probe's last status says why), `capture status` shows it.
+    let out = Command::new(&bakeoff)
+        .args(["capture", "start", "--api", &api, "--experiment", "shop"])
+        .args(["--cohort", "canary", "--protocol", "http1", "--detach"])
+        .output()?;
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    ensure!(
+        out.status.success() && id.starts_with("cap-"),
+        "detach: {id}"
+    );
+    curl(
+        &format!("http://localhost:{port}/r/after-detach"),
+        &pki.ca,
+        false,
+    )?;
+    let out = Command::new(&bakeoff)
+        .args(["capture", "stop", "--api", &api, &id])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "stop: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(&bakeoff)
+        .args(["capture", "status", "--json", "--api", &api, &id])
+        .output()?;
+    let stopped: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        stopped["state"] == "done"
+            && stopped["probes"][0]["reason"] == "stopped"
+            && stopped["spec"]["protocol"] == "http1"
+            && stopped["requests"].as_u64().is_some_and(|n| n >= 1),
+        "{stopped:#}"
+    );
+    let result = probe.stop()?;
+    drop(collector);
+    // Nothing the collector holds carries a secret: capture, database, logs, audit log.
+    let held = files(&collector_dir)?;
+    ensure!(
+        held.len() >= 4,
+        "collector files: {:?}",
+        held.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+    for (path, bytes) in &held {
+        let text = String::from_utf8_lossy(bytes);
+        for s in SECRETS {
+            ensure!(!text.contains(s), "{} holds {s}", path.display());
+        }
+        // Compressed captures are checked decompressed.
+        if path.extension().is_some_and(|e| e == "bkcap") {
+            for r in CaptureReader::new(std::fs::File::open(path)?)? {
+                let body = String::from_utf8_lossy(&r?.body).into_owned();
+                for s in SECRETS {
+                    ensure!(!body.contains(s), "{} holds {s}", path.display());
+                }
+            }
+        }
+    }
+    // The audit log: the start and the download, by the API's caller, with the probe named
+    // by its certificate.
+    let audit = Command::new(&bakeoff)
+        .args(["audit", "--json", "--log"])
+        .arg(collector_dir.join("audit.log"))
+        .output()?;
+    let audit_text = String::from_utf8_lossy(&audit.stdout);
+    ensure!(
+        audit.status.success()
+            && audit_text.contains("capture.start")
+            && audit_text.contains("capture.get")
+            && audit_text.contains("cert-sha256:"),
+        "audit: {audit_text}{}",
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    drop(result);
+    Ok(())
+}

@@ -475,3 +475,139 @@ fn replay_authenticates_itself_and_replays_a_session_recorded_midway() -> Result
     }
     Ok(())
 }
+
+/// Sessions open before a capture starts replay from the state the probe kept since it
+/// attached: pgbench's prepared-mode clients connect and prepare their statements, then
+/// `bakeoff capture start` (through the collector) records them mid-way; their `Open` records
+/// carry user, database, startup options and the prepared statements' SQL, and every captured
+/// Execute replays without an error on an instance restored from the snapshot.
+#[test]
+fn sessions_open_before_a_capture_replay_from_the_state_the_probe_kept() -> Result<()> {
+    root()?;
+    let pid = std::process::id();
+    let dir = scratch_dir("pg-replay-midway")?;
+    let cg = |n: &str| Cgroup::create(&format!("bakeoff-pg-midway-{n}-{pid}"));
+    let (src_cg, a_cg) = (cg("src")?, cg("a")?);
+    let src = Postgres::start(&dir, "source", &src_cg)?;
+    run(tool("pgbench", &src).args(["-i", "-s", "1", "-q", "postgres"]))?;
+    let dump = dir.join("snapshot.dump");
+    run(tool("pg_dump", &src)
+        .args(["-Fc", "-f"])
+        .arg(&dump)
+        .arg("postgres"))?;
+    let collector_dir = dir.join("collector");
+    std::fs::create_dir_all(&collector_dir)?;
+    let collector = bakeoff_testkit::collector::Collector::start(&collector_dir)?;
+    let api = format!("http://127.0.0.1:{}", collector.http_port);
+    let probe = ProbeRun::start(
+        &dir,
+        &[
+            "--experiment".into(),
+            "pg-midway".into(),
+            "--cohort".into(),
+            format!("db=cgroup:{}", src_cg.path().display()),
+            "--collector".into(),
+            collector.endpoint(),
+            "--payload-prefix".into(),
+            "4096".into(),
+        ],
+    )?;
+    bakeoff_testkit::process::wait_for("the control channel", Duration::from_secs(20), || {
+        collector
+            .get("/api/v1/captures")
+            .is_ok_and(|l| l["probes"].as_array().is_some_and(|p| !p.is_empty()))
+    })?;
+    let script = dir.join("read.sql");
+    std::fs::write(
+        &script,
+        "\\set aid random(1, 100000)\n\
+         SELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n",
+    )?;
+    // Two prepared-mode sessions with a startup option, open well before the capture.
+    let mut bench = src.pgbench_command(&script, "prepared", 2, &["-T", "6", "-R", "200"]);
+    let bench = bench
+        .env("PGOPTIONS", "-c work_mem=8MB")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("cannot start pgbench")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let file = dir.join("midway.bkcap");
+    let out = Command::new(bin("bakeoff")?)
+        .args([
+            "capture",
+            "start",
+            "--api",
+            &api,
+            "--experiment",
+            "pg-midway",
+        ])
+        .args([
+            "--cohort",
+            "db",
+            "--protocol",
+            "postgres",
+            "--duration",
+            "2s",
+            "-o",
+        ])
+        .arg(&file)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "capture: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = bakeoff_testkit::process::wait_output(bench, Duration::from_secs(30))?;
+    ensure!(status.status.success(), "pgbench: {status:?}");
+    drop(probe.stop()?);
+
+    // The capture's sessions: mid-way, with the state kept since attach.
+    let mut opens = Vec::new();
+    for r in CaptureReader::new(std::fs::File::open(&file)?)? {
+        let r = r?;
+        if r.kind == Kind::Open {
+            opens.push(r.conn_info()?);
+        }
+        ensure!(r.kind != Kind::Loss, "a loss: {:?}", r.loss_info());
+    }
+    ensure!(opens.len() == 2, "{opens:#?}");
+    for info in &opens {
+        let a = &info.attributes;
+        ensure!(
+            info.midstream
+                && a.get("pg.user").map(String::as_str) == Some("postgres")
+                && a.get("pg.database").map(String::as_str) == Some("postgres")
+                && a.get("pg.param.options")
+                    .is_some_and(|o| o.contains("work_mem=8MB"))
+                && a.iter().any(|(k, v)| {
+                    k.starts_with("pg.statement.") && v.contains("FROM pgbench_accounts")
+                }),
+            "{info:#?}"
+        );
+    }
+    let a = Postgres::start(&dir, "a", &a_cg)?;
+    run(tool("pg_restore", &a)
+        .args(["--no-owner", "-d", "postgres"])
+        .arg(&dump))?;
+    let (code, json, _, _) = bakeoff_replay(&file, &["--target", &addr(&a)])?;
+    let outcomes = json["outcomes"].as_array().cloned().unwrap_or_default();
+    ensure!(
+        code == 0
+            && json["errors"] == 0
+            && json["skipped_writes"] == 0
+            && json["unframed_bytes"] == 0
+            && json["session_errors"].as_array().is_some_and(Vec::is_empty)
+            && json["requests"].as_u64().is_some_and(|n| n >= 100)
+            && outcomes.len() as u64 == json["requests"].as_u64().unwrap_or(0)
+            && outcomes.iter().all(|o| {
+                o["path"] == "SELECT abalance FROM pgbench_accounts WHERE aid = $?"
+                    && o["error"].is_null()
+                    && o["body_excerpt"]
+                        .as_str()
+                        .is_some_and(|e| e.starts_with("row: ("))
+            }),
+        "exit {code}: {json:#}"
+    );
+    Ok(())
+}

@@ -186,6 +186,7 @@ fn bakeoff_replay_names_the_slower_endpoint() -> Result<()> {
         let out = std::process::Command::new(bin("bakeoff")?)
             .arg("replay")
             .arg(&file)
+            .env("BAKEOFF_AUDIT_LOG", dir.join("audit.log"))
             .args(["--target", &format!("127.0.0.1:{a}")])
             .args(["--against", &format!("127.0.0.1:{against}")])
             .args(["--calibrate", &format!("127.0.0.1:{a}")])
@@ -283,6 +284,7 @@ fn bakeoff_replay_finds_a_changed_body_and_not_declared_noise() -> Result<()> {
         let out = std::process::Command::new(bin("bakeoff")?)
             .arg("replay")
             .arg(&file)
+            .env("BAKEOFF_AUDIT_LOG", dir.join("audit.log"))
             .args(["--target", &addr(a), "--against", &addr(against)])
             // The unchanged routes' medians are microseconds, which a shared machine moves by
             // several times (B's workers wake cold after the slowed route); the slowed route is
@@ -388,6 +390,7 @@ fn bakeoff_replay_finds_a_changed_body_and_not_declared_noise() -> Result<()> {
     let out = std::process::Command::new(bin("bakeoff")?)
         .arg("replay")
         .arg(&file)
+        .env("BAKEOFF_AUDIT_LOG", dir.join("audit.log"))
         .args(["--target", &addr(a), "--noise-regex", "(unclosed"])
         .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -39,6 +39,9 @@ enum Cmd {
         /// An identical canary: the demo ends with PASS instead of FAIL.
         #[arg(long)]
         good: bool,
+        /// Capture the baseline's traffic through the probe and replay it against the canary.
+        #[arg(long)]
+        replay: bool,
     },
     /// Benchmarks: `probe` (cost of the probe on the host and on the watched service) or
     /// `collector` (ingest rate into DuckDB, group-by time over 10 million events).
@@ -51,6 +54,10 @@ enum Cmd {
         /// Interleaved rounds per configuration.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Probe benchmark: only these setups (`;`-separated names as printed, e.g.
+        /// "no probe;cgroup path, recording"); their bases are measured with them.
+        #[arg(long)]
+        setups: Option<String>,
     },
     /// libFuzzer campaigns on the decoders (fuzz/): executions and crashes per target.
     Fuzz {
@@ -174,12 +181,19 @@ fn main() -> Result<()> {
                 "warnings",
             ]))
         }
-        Cmd::Demo { seconds, good } => {
+        Cmd::Demo {
+            seconds,
+            good,
+            replay,
+        } => {
             let bins = build(true)?;
             let mut demo = Command::new(bins.join("bakeoff-demo"));
             demo.args(["--seconds", &seconds.to_string()]);
             if good {
                 demo.arg("--good");
+            }
+            if replay {
+                demo.arg("--replay");
             }
             run(&mut demo)
         }
@@ -187,6 +201,7 @@ fn main() -> Result<()> {
             which,
             rounds,
             events,
+            setups,
         } => {
             let bins = build(true)?;
             if which == "verdict" {
@@ -195,10 +210,15 @@ fn main() -> Result<()> {
             if which == "parsers" {
                 return run(&mut Command::new(bins.join("bakeoff-bench-parsers")));
             }
-            run(Command::new(bins.join("bakeoff-bench"))
+            let mut bench = Command::new(bins.join("bakeoff-bench"));
+            bench
                 .arg(which)
                 .args(["--rounds", &rounds.to_string()])
-                .args(["--events", &events.to_string()]))
+                .args(["--events", &events.to_string()]);
+            if let Some(s) = setups {
+                bench.args(["--setups", &s]);
+            }
+            run(&mut bench)
         }
         Cmd::Fuzz {
             seconds,

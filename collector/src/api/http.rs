@@ -58,6 +58,10 @@ pub struct ApiState {
     pub verdicts: Arc<crate::experiments::Verdicts>,
     /// Who may call what (`Access::open()` without `--api-tokens` and `--http-client-ca`).
     pub access: Arc<Access>,
+    /// Captures on demand and the probes' control channels.
+    pub captures: Arc<crate::capture::Captures>,
+    /// Where capture commands are recorded.
+    pub audit: Option<Arc<std::sync::Mutex<crate::audit::AuditLog>>>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -86,6 +90,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/groups", get(groups))
         .route("/api/v1/ingest", get(ingest))
         .route("/api/v1/drilldown", get(drill))
+        .merge(crate::api::captures::routes())
         .route_layer(guard(Scope::Full, false));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -159,7 +164,7 @@ fn denied(d: Denied) -> Response {
         .into_response()
 }
 
-struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {

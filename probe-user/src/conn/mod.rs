@@ -124,6 +124,8 @@ struct Meta {
     midstream: bool,
     /// Pieces kept for a recording of this connection's cohort (see `ConnTable::tap`).
     tap: Option<Vec<Tapped>>,
+    /// Open when the recording started: its session state, given with its first piece.
+    tap_state: Vec<(String, String)>,
 }
 
 /// A piece of a connection's stream kept for a recording: the bytes the decoders see (TLS
@@ -149,6 +151,10 @@ pub enum TapEvent {
         peer: Option<SocketAddr>,
         midstream: bool,
         piece: Tapped,
+        /// With a connection's first piece when it was open before the recording started:
+        /// what a replay needs from before (Postgres startup parameters, `SET`s, prepared
+        /// statements), as the decoder kept it.
+        state: Vec<(String, String)>,
     },
     Close {
         key: ConnKey,
@@ -612,6 +618,10 @@ impl ConnTable {
         self.tap_cohort = cohort;
         for conn in self.conns.values_mut() {
             conn.meta.tap = (Some(conn.meta.cohort) == cohort).then(Vec::new);
+            conn.meta.tap_state = match (&conn.meta.tap, &conn.decoder.proto) {
+                (Some(_), Proto::Decoding(d)) => d.session_state(),
+                _ => Vec::new(),
+            };
         }
         if cohort.is_none() {
             self.tapped.clear();
@@ -634,6 +644,7 @@ impl ConnTable {
                 peer: meta.peer,
                 midstream: meta.midstream,
                 piece,
+                state: std::mem::take(&mut meta.tap_state),
             });
         }
     }
@@ -718,6 +729,7 @@ impl ConnTable {
                     peer,
                     midstream,
                     tap: (self.tap_cohort == Some(cohort)).then(Vec::new),
+                    tap_state: Vec::new(),
                 },
                 decoder: StreamDecoder::new(),
                 last_seq: 0,

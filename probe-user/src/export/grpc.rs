@@ -112,8 +112,8 @@ pub struct Exporter {
 }
 
 const CHANNEL_EVENTS: usize = 65_536;
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 impl Exporter {
     /// Starts the exporter task on the current tokio runtime.
@@ -160,11 +160,11 @@ struct Stream {
     sent_upto: u64,
 }
 
-async fn connect(
+/// A connection to the collector's gRPC port (TLS if configured).
+pub(crate) async fn channel(
     endpoint: &str,
     tls: Option<&ClientTlsConfig>,
-    hello: &ProbeHello,
-) -> Result<(mpsc::Sender<IngestRequest>, Streaming<IngestAck>), String> {
+) -> Result<tonic::transport::Channel, String> {
     let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| format!("bad collector endpoint {endpoint}: {e}"))?
         .connect_timeout(Duration::from_secs(2));
@@ -173,11 +173,17 @@ async fn connect(
             .tls_config(tls.clone())
             .map_err(|e| format!("bad TLS settings for {endpoint}: {e}"))?;
     }
-    let channel = ep
-        .connect()
+    ep.connect()
         .await
-        .map_err(|e| format!("cannot connect to {endpoint}: {e}"))?;
-    let mut client = IngestClient::new(channel);
+        .map_err(|e| format!("cannot connect to {endpoint}: {e}"))
+}
+
+async fn connect(
+    endpoint: &str,
+    tls: Option<&ClientTlsConfig>,
+    hello: &ProbeHello,
+) -> Result<(mpsc::Sender<IngestRequest>, Streaming<IngestAck>), String> {
+    let mut client = IngestClient::new(channel(endpoint, tls).await?);
     let (tx, rx) = mpsc::channel(16);
     tx.send(IngestRequest {
         message: Some(Message::Hello(hello.clone())),
@@ -199,7 +205,7 @@ async fn connect(
 }
 
 /// Backoff with up to 50% random jitter, so probes do not reconnect in lockstep.
-fn jittered(d: Duration) -> Duration {
+pub(crate) fn jittered(d: Duration) -> Duration {
     let nanos = Instant::now().elapsed().subsec_nanos() ^ std::process::id().rotate_left(13);
     let frac = f64::from(nanos % 1000) / 1000.0;
     d.mul_f64(0.5 + frac * 0.5)

@@ -1,5 +1,7 @@
-//! Where request events leave the probe: JSON lines (`output`) and the collector (`grpc`).
+//! Where request events leave the probe: JSON lines (`output`) and the collector (`grpc`), and
+//! the collector's commands reach it (`control`).
 
+pub mod control;
 pub mod grpc;
 pub mod otlp;
 pub mod spool;

@@ -29,9 +29,11 @@ enum Setup {
     TlsNoProbe,
     /// HTTPS on the cgroup path with the TLS uprobes.
     TlsTagged,
+    /// The cgroup path, tagged, recording the cohort into a capture file (whole payloads).
+    CgroupRecording,
 }
 
-const SETUPS: [Setup; 8] = [
+const SETUPS: [Setup; 9] = [
     Setup::NoProbe,
     Setup::Idle,
     Setup::CgroupUntagged,
@@ -40,6 +42,7 @@ const SETUPS: [Setup; 8] = [
     Setup::SyscallTagged,
     Setup::TlsNoProbe,
     Setup::TlsTagged,
+    Setup::CgroupRecording,
 ];
 
 impl Setup {
@@ -53,6 +56,7 @@ impl Setup {
             Setup::SyscallTagged => "syscall path, tagged",
             Setup::TlsNoProbe => "https, no probe",
             Setup::TlsTagged => "https, cgroup path, tagged",
+            Setup::CgroupRecording => "cgroup path, recording",
         }
     }
 
@@ -123,6 +127,10 @@ struct Args {
     /// Events ingested by the collector benchmark (the group-by runs over all of them).
     #[arg(long, default_value_t = 10_000_000)]
     events: u64,
+    /// Only these setups of the probe benchmark (names as printed, `;`-separated), e.g.
+    /// `no probe;cgroup path, tagged;cgroup path, recording`. Default: all.
+    #[arg(long, value_delimiter = ';')]
+    setups: Vec<String>,
     /// Stores the collector benchmark ingests into, comma-separated: duckdb, clickhouse.
     #[arg(long, default_value = "duckdb,clickhouse", value_delimiter = ',')]
     stores: Vec<String>,
@@ -135,6 +143,7 @@ fn main() -> Result<()> {
             &bakeoff_testkit::process::target_bin_dir(),
             args.rounds,
             args.requests,
+            &args.setups,
         ),
         "collector" => collector(args.events, &args.stores),
         other => bail!("unknown benchmark `{other}` (available: probe, collector)"),
@@ -168,9 +177,10 @@ impl Bench {
         match setup {
             Setup::NoProbe | Setup::TlsNoProbe => None,
             Setup::Idle => Some(cgroup(&self.idle_cgroup)),
-            Setup::CgroupUntagged | Setup::CgroupTagged | Setup::TlsTagged => {
-                Some(cgroup(&self.watched_cgroup))
-            }
+            Setup::CgroupUntagged
+            | Setup::CgroupTagged
+            | Setup::TlsTagged
+            | Setup::CgroupRecording => Some(cgroup(&self.watched_cgroup)),
             Setup::SyscallUntagged => Some(format!("canary=pid:{}", self.member_pid)),
             Setup::SyscallTagged => Some(format!("canary=pid:{}", self.unwatched_master)),
         }
@@ -179,14 +189,31 @@ impl Bench {
     /// The nginx loaded: the one in the watched cgroup only for the tagged cgroup path.
     fn port(&self, setup: Setup) -> u16 {
         match setup {
-            Setup::CgroupTagged => self.watched_port,
+            Setup::CgroupTagged | Setup::CgroupRecording => self.watched_port,
             Setup::TlsNoProbe | Setup::TlsTagged => self.tls_port,
             _ => self.unwatched_port,
         }
     }
 }
 
-fn probe(bins: &Path, rounds: usize, requests: u64) -> Result<()> {
+fn probe(bins: &Path, rounds: usize, requests: u64, only: &[String]) -> Result<()> {
+    for name in only {
+        ensure!(
+            SETUPS.iter().any(|s| s.name() == name),
+            "unknown setup {name:?} (setups: {:?})",
+            SETUPS.map(Setup::name)
+        );
+    }
+    // A setup's base is always measured with it: its Δ and x columns need it.
+    let chosen: Vec<Setup> = SETUPS
+        .into_iter()
+        .filter(|s| {
+            only.is_empty()
+                || only.iter().any(|n| {
+                    n == s.name() || SETUPS.iter().any(|o| o.name() == n && o.base() == *s)
+                })
+        })
+        .collect();
     ensure!(
         unsafe { libc::geteuid() } == 0,
         "the benchmark loads eBPF programs: run it as root"
@@ -253,7 +280,7 @@ fn probe(bins: &Path, rounds: usize, requests: u64) -> Result<()> {
     let mut rows: Vec<(Setup, Row)> = Vec::new();
     let mut repeated = 0;
     for round in 0..rounds {
-        for setup in SETUPS {
+        for setup in chosen.iter().copied() {
             let mut best: Option<Row> = None;
             for attempt in 1..=ATTEMPTS {
                 if !wait_quiet()? {
@@ -396,6 +423,16 @@ fn measure(b: &Bench, setup: Setup) -> Result<Row> {
                         &["--tls-plaintext"][..]
                     } else {
                         &[]
+                    })
+                    .args(if setup == Setup::CgroupRecording {
+                        vec![
+                            "--capture-cohort".to_string(),
+                            "canary".to_string(),
+                            "--capture-file".to_string(),
+                            b.dir.join("bench.bkcap").display().to_string(),
+                        ]
+                    } else {
+                        Vec::new()
                     })
                     .arg("--output")
                     .arg(&events)
@@ -757,7 +794,8 @@ fn report(rows: &[(Setup, Row)], rounds: usize, requests: u64, repeated: usize, 
         "2k_p50us",
         "2k_p99us"
     );
-    for s in SETUPS {
+    let measured = |s: &Setup| rows.iter().any(|(x, _)| x == s);
+    for s in SETUPS.into_iter().filter(measured) {
         let (base_cpu, base_rps) = (of(s.base(), |r| r.cpu_us), of(s.base(), |r| r.max_rps));
         let (cpu, rps) = (of(s, |r| r.cpu_us), of(s, |r| r.max_rps));
         println!(
@@ -778,7 +816,11 @@ fn report(rows: &[(Setup, Row)], rounds: usize, requests: u64, repeated: usize, 
         "\n{:<23} {:>16} {:>7} {:>10} {:>6} {:>10} {:>12}",
         "setup", "probe_cpu_us/req", "rss_MiB", "events/req", "drops", "bpf_ns/req", "bpf_runs/req"
     );
-    for s in SETUPS.into_iter().filter(|s| *s != s.base()) {
+    for s in SETUPS
+        .into_iter()
+        .filter(|s| *s != s.base())
+        .filter(measured)
+    {
         println!(
             "{:<23} {:>16.2} {:>7.1} {:>10.2} {:>6.0} {:>10.0} {:>12.1}",
             s.name(),

@@ -3,6 +3,11 @@
 //! both, the collector stores every request, and the load runs until the verdict is decided.
 //! By default the canary is 20 ms slower on /checkout for mobile clients only: the demo ends with
 //! FAIL naming that route and that client. With `--good` the canary is identical: PASS.
+//!
+//! With `--replay`: capture and replay instead of the live verdict. `bakeoff capture start`
+//! records the baseline's traffic through the probe (redacted there, streamed to the
+//! collector), then `bakeoff replay` sends the captured sessions to the baseline, a second
+//! baseline instance (calibration) and the canary, and compares them per endpoint.
 
 use std::{
     path::Path,
@@ -39,6 +44,9 @@ struct Args {
     /// Concurrent clients.
     #[arg(long, default_value_t = 4)]
     clients: usize,
+    /// Capture the baseline's traffic and replay it against the canary.
+    #[arg(long)]
+    replay: bool,
 }
 
 fn main() -> Result<()> {
@@ -94,6 +102,11 @@ fn main() -> Result<()> {
             .arg("--output")
             .arg(&events)
             .args(["--collector", &collector.endpoint()])
+            // A capture wants whole payloads (the /bytes responses are 2 KiB).
+            .args([
+                "--payload-prefix",
+                if args.replay { "4096" } else { "1024" },
+            ])
             .arg("--ready-file")
             .arg(&ready)
             .stdout(Stdio::null())
@@ -120,6 +133,16 @@ fn main() -> Result<()> {
             std::thread::spawn(move || load(c, bport, cport, &stop, &sent))
         })
         .collect();
+    if args.replay {
+        let result = capture_and_replay(bins, dir, &api, bport, cport, &baseline_cg);
+        stop.store(true, Ordering::Relaxed);
+        for c in clients {
+            c.join()
+                .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+        }
+        probe.stop(Duration::from_secs(20))?;
+        return result;
+    }
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let started = Instant::now();
     let mut decision = "inconclusive".to_string();
@@ -202,6 +225,80 @@ fn main() -> Result<()> {
         decision.to_uppercase(),
         status.code().unwrap_or(-1),
         report.display()
+    );
+    Ok(())
+}
+
+/// `--replay`: the baseline's traffic captured through the collector, then replayed against the
+/// baseline, a second baseline (calibration) and the canary.
+fn capture_and_replay(
+    bins: &Path,
+    dir: &Path,
+    api: &str,
+    bport: u16,
+    cport: u16,
+    baseline_cg: &Cgroup,
+) -> Result<()> {
+    let bakeoff = bins.join("bakeoff");
+    // The probe's control channel first.
+    wait_for(
+        "the probe's control channel",
+        Duration::from_secs(20),
+        || {
+            bakeoff_testkit::collector::get_json(&format!("{api}/api/v1/captures"))
+                .is_ok_and(|l| l["probes"].as_array().is_some_and(|p| !p.is_empty()))
+        },
+    )?;
+    let file = dir.join("baseline.bkcap");
+    println!(
+        "\ncapturing the baseline (bakeoff capture start --api {api} --experiment demo \
+         --cohort baseline --max-requests 2000 -o {}):\n",
+        file.display()
+    );
+    let status = Command::new(&bakeoff)
+        .args(["capture", "start", "--api", api, "--experiment", "demo"])
+        .args(["--cohort", "baseline", "--max-requests", "2000", "-o"])
+        .arg(&file)
+        .status()
+        .context("cannot run bakeoff capture")?;
+    anyhow::ensure!(status.success(), "bakeoff capture failed");
+    // A second instance of the baseline's version: what differs between the two is noise.
+    let a2 = free_port();
+    let _a2 = Guard::shell(
+        "baseline 2",
+        &format!(
+            "{}{} --port {a2} --delay-ms 2",
+            baseline_cg.exec_prefix(),
+            bins.join("bakeoff-testserver").display()
+        ),
+        &[],
+    )?;
+    wait_for_port(a2, Duration::from_secs(10))?;
+    println!(
+        "\nreplaying it (bakeoff replay {} --target 127.0.0.1:{bport} --against \
+         127.0.0.1:{cport} --calibrate 127.0.0.1:{a2}):\n",
+        file.display()
+    );
+    let status = Command::new(&bakeoff)
+        .arg("replay")
+        .arg(&file)
+        .args(["--target", &format!("127.0.0.1:{bport}")])
+        .args(["--against", &format!("127.0.0.1:{cport}")])
+        .args(["--calibrate", &format!("127.0.0.1:{a2}")])
+        .args(["--concurrency", "4"])
+        .arg("--audit-log")
+        .arg(dir.join("audit.log"))
+        .status()
+        .context("cannot run bakeoff replay")?;
+    println!(
+        "\nreplay: {} (bakeoff replay exit code {}); audit log: bakeoff audit --log {}",
+        if status.code() == Some(1) {
+            "the canary is worse"
+        } else {
+            "no regression shown"
+        },
+        status.code().unwrap_or(-1),
+        dir.join("audit.log").display()
     );
     Ok(())
 }
