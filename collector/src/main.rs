@@ -179,6 +179,9 @@ enum Cmd {
         /// A regular expression whose matches in bodies are not compared (repeatable).
         #[arg(long, value_name = "RE", value_parser = noise_regex)]
         noise_regex: Vec<String>,
+        /// Also write the comparison as a self-contained HTML page.
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
         #[command(flatten)]
         pg: PgArgs,
     },
@@ -404,7 +407,7 @@ fn replay(
     pg: PgArgs,
     tolerance: f64,
     alpha: f64,
-    json: bool,
+    (json, html): (bool, Option<PathBuf>),
 ) -> Result<()> {
     let reader = bakeoff_capture::CaptureReader::new(
         std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
@@ -542,6 +545,33 @@ fn replay(
                 "{}",
                 bakeoff_collector::replay::table(c, &targets.a.to_string(), &b.to_string())
             );
+        }
+    }
+    if let Some(path) = &html {
+        let c = comparison
+            .as_ref()
+            .context("--html needs --against: there is nothing to compare")?;
+        let page = bakeoff_collector::report::replay_page(
+            c,
+            &bakeoff_collector::report::ReplayHeader {
+                file: &file.display().to_string(),
+                experiment: &meta.experiment,
+                cohort: &meta.cohort,
+                protocol: if postgres { "Postgres" } else { "HTTP/1" },
+                a: targets.a.to_string(),
+                b: targets.b.map(|b| b.to_string()).unwrap_or_default(),
+                a2: targets.a2.map(|a| a.to_string()),
+                sessions: a.sessions,
+                requests: a.outcomes.len(),
+                skipped_writes: a.skipped_writes,
+                errors: a.outcomes.iter().filter(|o| o.error.is_some()).count(),
+                late,
+                noise: &noise,
+            },
+        );
+        std::fs::write(path, page).with_context(|| format!("cannot write {}", path.display()))?;
+        if !json {
+            println!("report: {}", path.display());
         }
     }
     if comparison.as_ref().is_some_and(|c| c.regressed()) {
@@ -682,6 +712,7 @@ fn main() {
             noise_header,
             noise_json,
             noise_regex,
+            html,
             pg,
         } => replay_timing(recorded_timing).and_then(|timing| {
             let noise = match bakeoff_replay::Noise::new(&bakeoff_replay::NoiseRules {
@@ -715,7 +746,7 @@ fn main() {
                 pg,
                 tolerance,
                 alpha,
-                json,
+                (json, html),
             )
         }),
         Cmd::Events {

@@ -190,7 +190,8 @@ fn bakeoff_replay_names_the_slower_endpoint() -> Result<()> {
             .args(["--target", &format!("127.0.0.1:{a}")])
             .args(["--against", &format!("127.0.0.1:{against}")])
             .args(["--calibrate", &format!("127.0.0.1:{a}")])
-            .args(["--concurrency", "4", "--json"])
+            .args(["--concurrency", "4", "--json", "--html"])
+            .arg(dir.join(format!("replay-{against}.html")))
             .output()?;
         let json = serde_json::from_slice(&out.stdout)
             .map_err(|e| anyhow::anyhow!("{e}: {}", String::from_utf8_lossy(&out.stderr)))?;
@@ -220,8 +221,20 @@ fn bakeoff_replay_names_the_slower_endpoint() -> Result<()> {
             .all(|e| e["status_diffs"] == 0 && e["body_diffs"] == 0),
         "{json}"
     );
+    // The HTML page says the same: the slower endpoint marked, the verdict badge.
+    let page = std::fs::read_to_string(dir.join(format!("replay-{b}.html")))?;
+    ensure!(
+        page.contains(r#"data-endpoint="GET /bytes/:id" data-latency="slower""#)
+            && page
+                .contains(r#"data-endpoint="GET /status/:id" data-latency="no difference shown""#)
+            && page.contains(r#"data-decision="fail""#)
+            && page.contains(r#"data-requests="300""#),
+        "{page}"
+    );
     let (code, json) = run(a)?;
     ensure!(code == 0, "A against itself: exit {code}: {json}");
+    let page = std::fs::read_to_string(dir.join(format!("replay-{a}.html")))?;
+    ensure!(page.contains(r#"data-decision="pass""#), "{page}");
     Ok(())
 }
 
