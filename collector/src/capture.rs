@@ -64,6 +64,8 @@ pub enum CaptureError {
     NotFound(String),
     #[error("capture {0} is still recording: stop it or wait for its end")]
     NotDone(String),
+    #[error("capture {0} is complete: there is nothing more to stream (download its file)")]
+    Complete(String),
     #[error("bad capture request: {0}")]
     Bad(String),
     #[error("capture file: {0}")]
@@ -139,6 +141,11 @@ struct Running {
     /// When it is given up waiting for the probes' last status.
     deadline: Option<SystemTime>,
     write_error: Option<String>,
+    /// Live readers of the records (`subscribe`); dropped at completion, which ends them.
+    subscribers: Vec<mpsc::Sender<Vec<Record>>>,
+    /// Records a subscriber could not take (its queue full): it is never waited for, so a
+    /// slow reader costs its own records, not the capture's.
+    stream_dropped: u64,
 }
 
 #[derive(Default)]
@@ -160,6 +167,27 @@ fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Records in the capture file's record framing (`kind:u8 direction:u8 conn:u64
+/// ts_unix_ns:u64 len:u32 body`, little-endian), what `GET /api/v1/captures/{id}/stream`
+/// sends: one format to read, whether from a file's blocks or from the stream.
+pub fn encode_records(records: &[Record]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        records
+            .iter()
+            .map(|r| bakeoff_capture::RECORD_HEADER + r.body.len())
+            .sum(),
+    );
+    for r in records {
+        out.push(r.kind as u8);
+        out.push(r.direction as u8);
+        out.extend_from_slice(&r.conn.to_le_bytes());
+        out.extend_from_slice(&r.ts_unix_ns.to_le_bytes());
+        out.extend_from_slice(&(r.body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&r.body);
+    }
+    out
 }
 
 fn kind(v: u32) -> Option<Kind> {
@@ -376,6 +404,8 @@ impl Captures {
                 next_conn: 1,
                 deadline,
                 write_error: None,
+                subscribers: Vec::new(),
+                stream_dropped: 0,
             },
         );
         self.complete_if_done(&mut s, &id);
@@ -460,6 +490,7 @@ impl Captures {
         let Some(writer) = r.writer.as_mut() else {
             return;
         };
+        let mut copies = Vec::new();
         for rec in data.records {
             let Some(kind) = kind(rec.kind) else { continue };
             let conn = *r.conns.entry((link, rec.conn)).or_insert_with(|| {
@@ -479,7 +510,46 @@ impl Captures {
                 r.writer = None;
                 break;
             }
+            if !r.subscribers.is_empty() {
+                copies.push(record);
+            }
         }
+        if copies.is_empty() {
+            return;
+        }
+        let mut dropped = 0;
+        r.subscribers
+            .retain(|tx| match tx.try_send(copies.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    dropped += copies.len() as u64;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
+        r.stream_dropped += dropped;
+    }
+
+    /// A live reader of a running capture's records from now on, as written to its file
+    /// (connections renumbered), in batches; at most `batches` wait in its queue, beyond that
+    /// they are dropped and counted (`losses["stream_dropped"]`). Its receiver ends when the
+    /// capture completes.
+    pub fn subscribe(
+        &self,
+        id: &str,
+        batches: usize,
+    ) -> Result<mpsc::Receiver<Vec<Record>>, CaptureError> {
+        let mut s = self.lock();
+        if s.finished.contains_key(id) {
+            return Err(CaptureError::Complete(id.to_string()));
+        }
+        let r = s
+            .running
+            .get_mut(id)
+            .ok_or_else(|| CaptureError::NotFound(id.to_string()))?;
+        let (tx, rx) = mpsc::channel(batches.max(1));
+        r.subscribers.push(tx);
+        Ok(rx)
     }
 
     /// Completes captures whose probes are past their grace (called every second).
@@ -577,6 +647,7 @@ impl Captures {
                 *losses.entry(k.to_string()).or_insert(0) += v;
             }
         }
+        losses.insert("stream_dropped".to_string(), r.stream_dropped);
         info.losses = losses;
         info.file_bytes = r.writer.as_ref().map_or(0, |w| w.bytes_written());
         info
@@ -615,5 +686,87 @@ impl Captures {
         }
         let file = info.file.clone();
         Ok((info, file))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bakeoff_proto::v1::CaptureRecord;
+
+    fn data(sequence: u64, conn: u64, body: &[u8]) -> CaptureData {
+        CaptureData {
+            capture_id: String::new(),
+            sequence,
+            records: vec![CaptureRecord {
+                kind: Kind::Data as u32,
+                direction: Direction::Ingress as u32,
+                conn,
+                ts_unix_ns: 7,
+                body: body.to_vec(),
+            }],
+        }
+    }
+
+    /// A subscriber gets the records renumbered as in the file; a full one loses records,
+    /// counted, without holding the capture up; completion ends every stream.
+    #[tokio::test]
+    async fn subscribers_get_renumbered_records_and_overflow_is_counted() {
+        let dir = std::env::temp_dir().join(format!("bakeoff-cap-sub-{}", std::process::id()));
+        let caps = Captures::open(&dir).expect("capture dir");
+        let (tx, mut commands) = mpsc::channel(8);
+        let link = caps.connect(
+            ProbeHello {
+                probe_id: "p1".into(),
+                experiment: "e".into(),
+                cohorts: vec!["c".into()],
+                captures: true,
+                ..ProbeHello::default()
+            },
+            None,
+            tx,
+        );
+        let spec = CaptureSpec {
+            experiment: "e".into(),
+            cohort: "c".into(),
+            ..CaptureSpec::default()
+        };
+        let id = caps.start(spec, "test").expect("started").id;
+        assert!(commands.recv().await.is_some());
+        assert!(matches!(
+            caps.subscribe("cap-none", 1),
+            Err(CaptureError::NotFound(_))
+        ));
+        let mut rx = caps.subscribe(&id, 1).expect("subscribed");
+        let chunk = |seq, conn, body: &[u8]| CaptureData {
+            capture_id: id.clone(),
+            ..data(seq, conn, body)
+        };
+        caps.data(link, chunk(1, 900, b"first"));
+        // The queue holds one batch: this one is dropped and counted.
+        caps.data(link, chunk(2, 900, b"second"));
+        let got = rx.recv().await.expect("a batch");
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].conn, got[0].body.as_slice()), (1, &b"first"[..]));
+        assert_eq!(caps.info(&id).expect("info").losses["stream_dropped"], 1);
+        caps.data(link, chunk(3, 901, b"third"));
+        assert_eq!(rx.recv().await.expect("a batch")[0].conn, 2);
+        caps.status(
+            link,
+            CaptureStatus {
+                capture_id: id.clone(),
+                state: "done".into(),
+                ..CaptureStatus::default()
+            },
+        );
+        assert!(rx.recv().await.is_none(), "completion ends the stream");
+        assert!(matches!(
+            caps.subscribe(&id, 1),
+            Err(CaptureError::Complete(_))
+        ));
+        let encoded = encode_records(&got);
+        assert_eq!(encoded.len(), bakeoff_capture::RECORD_HEADER + 5);
+        assert_eq!(&encoded[2..10], &1u64.to_le_bytes());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -92,7 +92,7 @@ pub enum CaptureCmd {
 }
 
 impl ApiClient {
-    fn post_json<T: serde::de::DeserializeOwned>(
+    pub(crate) fn post_json<T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
         body: &serde_json::Value,
@@ -121,7 +121,11 @@ impl ApiClient {
             .context("the collector's answer is not the JSON this client expects")
     }
 
-    fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str, what: &str) -> Result<T> {
+    pub(crate) fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        what: &str,
+    ) -> Result<T> {
         crate::send(self.get(path), what, &self.base)?
             .body_mut()
             .read_json()

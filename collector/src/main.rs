@@ -1,6 +1,7 @@
 //! `bakeoff`: the collector (`serve`) and its terminal client (`events`).
 
 mod capture_cli;
+mod shadow_cli;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -207,6 +208,16 @@ enum Cmd {
         #[command(subcommand)]
         action: capture_cli::CaptureCmd,
     },
+    /// Tee a cohort's idempotent requests, as they happen, to a shadow instance and compare
+    /// its answers and latency with the live ones.
+    ///
+    /// Through a capture of the cohort: GET, HEAD and OPTIONS are sent to the shadow, writes
+    /// never. Latencies are measured at different places: live = server time seen by the probe
+    /// (no network), shadow = measured by this client (adds a round trip), so a
+    /// sub-millisecond route looks slower on the shadow by about one round trip. Ctrl-C stops
+    /// the capture and prints the comparison. Exit 1 when the shadow is slower or answers
+    /// differently.
+    Shadow(shadow_cli::ShadowArgs),
     /// Show the audit log of capture, replay and shadow commands and verify its hash chain.
     /// Exit 1 when it is damaged (the entries before the damage are shown).
     Audit {
@@ -759,6 +770,11 @@ fn main() {
             .client()
             .and_then(|client| events(&client, &filters, group_by.as_deref(), limit, json)),
         Cmd::Capture { action } => match capture_cli::run(action) {
+            Ok(0) => Ok(()),
+            Ok(code) => std::process::exit(code),
+            Err(e) => Err(e),
+        },
+        Cmd::Shadow(args) => match shadow_cli::run(args) {
             Ok(0) => Ok(()),
             Ok(code) => std::process::exit(code),
             Err(e) => Err(e),

@@ -870,6 +870,134 @@ pub fn render(answer: &VerdictResponse, rows: &[SampleRow]) -> String {
     html
 }
 
+/// What a replay page says above its table.
+pub struct ReplayHeader<'a> {
+    pub file: &'a str,
+    pub experiment: &'a str,
+    pub cohort: &'a str,
+    pub protocol: &'a str,
+    pub a: String,
+    pub b: String,
+    pub a2: Option<String>,
+    pub sessions: usize,
+    pub requests: usize,
+    pub skipped_writes: u64,
+    pub errors: usize,
+    pub late: usize,
+    pub noise: &'a [String],
+}
+
+/// A's and B's median bounds on one shared log scale: where B sits against A, at a glance.
+fn median_bars(e: &crate::replay::EndpointComparison, lo_ms: f64, hi_ms: f64) -> Markup {
+    const BAR_W: f64 = 260.0;
+    let (lo, hi) = (lo_ms.max(1e-3).ln(), hi_ms.max(lo_ms * 1.01).ln());
+    let x = |ns: f64| ((ns / 1e6).max(1e-3).ln() - lo) / (hi - lo).max(1e-9) * BAR_W;
+    let bar = |b: (Option<f64>, Option<f64>), y: f64, color: &str| match b {
+        (Some(l), Some(h)) => {
+            let (x0, x1) = (x(l), x(h));
+            html! {
+                rect x=(format!("{x0:.1}")) y=(y) width=(format!("{:.1}", (x1 - x0).max(2.0)))
+                    height="6" fill=(color) {}
+            }
+        }
+        _ => html! {},
+    };
+    html! {
+        svg width=(BAR_W) height="16" role="img" {
+            (bar(e.a_p50, 1.0, BASELINE_COLOR))
+            (bar(e.b_p50, 9.0, CANARY_COLOR))
+        }
+    }
+}
+
+/// The self-contained HTML page of a replay's comparison (`bakeoff replay --html FILE`).
+pub fn replay_page(c: &crate::replay::Comparison, h: &ReplayHeader<'_>) -> String {
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |x| short(x / 1e6));
+    let bounds = |b: (Option<f64>, Option<f64>)| format!("{}..{} ms", ms(b.0), ms(b.1));
+    let all: Vec<f64> = c
+        .endpoints
+        .iter()
+        .flat_map(|e| [e.a_p50.0, e.a_p50.1, e.b_p50.0, e.b_p50.1])
+        .flatten()
+        .map(|ns| ns / 1e6)
+        .collect();
+    let lo = all.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = all.iter().copied().fold(0.0, f64::max);
+    let verdict = if c.regressed() { "fail" } else { "pass" };
+    let page = html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                title { "bakeoff replay: " (h.experiment) " " (h.cohort) }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                h1 { "Replay of " code { (h.file) } }
+                p {
+                    span.badge.(verdict) #decision data-decision=(verdict) {
+                        @if c.regressed() { "B IS WORSE" } @else { "NO REGRESSION SHOWN" }
+                    }
+                    " " (h.protocol) " capture of experiment " code { (h.experiment) }
+                    ", cohort " code { (h.cohort) } ": "
+                    span #requests data-requests=(h.requests) { (h.requests) }
+                    " requests in " (h.sessions) " sessions replayed against A "
+                    code { (h.a) } " and B " code { (h.b) }
+                    @if let Some(a2) = &h.a2 { ", calibrated with A2 " code { (a2) } }
+                    " (interleaved); " (h.skipped_writes) " writes refused, " (h.errors)
+                    " failed, " (h.late) " sent late."
+                }
+                h2 { "Per endpoint" }
+                table #endpoints {
+                    tr {
+                        th.l { "endpoint" } th { "requests" } th { "A median" } th { "B median" }
+                        th.l { "A " span style=(format!("color:{BASELINE_COLOR}")) { "■" }
+                               " B " span style=(format!("color:{CANARY_COLOR}")) { "■" }
+                               " (log scale)" }
+                        th { "latency" } th { "status" } th { "headers" } th { "body" }
+                        th { "noise" } th { "errors" }
+                    }
+                    @for e in &c.endpoints {
+                        @let bad = e.latency == "slower" || e.status_diffs + e.header_diffs + e.body_diffs > 0;
+                        tr data-endpoint=(e.endpoint) data-latency=(e.latency) {
+                            td.l { code { (e.endpoint) } }
+                            td { (e.requests) }
+                            td { (bounds(e.a_p50)) }
+                            td { (bounds(e.b_p50)) }
+                            td.b { (median_bars(e, lo, hi)) }
+                            td class=(if bad { "fail" } else { "pass" }) { (e.latency) }
+                            td { (e.status_diffs) } td { (e.header_diffs) } td { (e.body_diffs) }
+                            td { (e.noisy) } td { (e.errors) }
+                        }
+                    }
+                }
+                @let examples: Vec<_> = c.endpoints.iter().filter_map(|e| e.example.as_ref().map(|x| (e, x))).collect();
+                @if !examples.is_empty() {
+                    h2 { "Answered differently" }
+                    @for (e, x) in examples {
+                        p {
+                            code { (e.endpoint) } ": " (x.kind)
+                            @if !x.fields.is_empty() { " (" (x.fields.join(", ")) ")" }
+                            " differs, e.g. " code { (x.path) }
+                        }
+                        table { tr { th.l { "A" } td.l { code { (x.a) } } } tr { th.l { "B" } td.l { code { (x.b) } } } }
+                    }
+                }
+                p.note {
+                    "Median bounds: the judge's confidence sequences at level " (c.alpha)
+                    " over all endpoints; latency is reported when B's median is beyond A's by more than "
+                    (format!("{:.0}%", c.tolerance * 100.0))
+                    ". Responses are compared after normalization; noise left out: "
+                    (h.noise.join(", "))
+                    @if h.a2.is_some() { ", and what also differs between A and A2" }
+                    "."
+                }
+            }
+        }
+    };
+    page.into_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1034,132 +1162,4 @@ mod tests {
         assert!(chart.contains(">22:13:20</text>"), "clock ticks: {chart}");
         assert!(balanced(&html), "unbalanced markup");
     }
-}
-
-/// What a replay page says above its table.
-pub struct ReplayHeader<'a> {
-    pub file: &'a str,
-    pub experiment: &'a str,
-    pub cohort: &'a str,
-    pub protocol: &'a str,
-    pub a: String,
-    pub b: String,
-    pub a2: Option<String>,
-    pub sessions: usize,
-    pub requests: usize,
-    pub skipped_writes: u64,
-    pub errors: usize,
-    pub late: usize,
-    pub noise: &'a [String],
-}
-
-/// A's and B's median bounds on one shared log scale: where B sits against A, at a glance.
-fn median_bars(e: &crate::replay::EndpointComparison, lo_ms: f64, hi_ms: f64) -> Markup {
-    const BAR_W: f64 = 260.0;
-    let (lo, hi) = (lo_ms.max(1e-3).ln(), hi_ms.max(lo_ms * 1.01).ln());
-    let x = |ns: f64| ((ns / 1e6).max(1e-3).ln() - lo) / (hi - lo).max(1e-9) * BAR_W;
-    let bar = |b: (Option<f64>, Option<f64>), y: f64, color: &str| match b {
-        (Some(l), Some(h)) => {
-            let (x0, x1) = (x(l), x(h));
-            html! {
-                rect x=(format!("{x0:.1}")) y=(y) width=(format!("{:.1}", (x1 - x0).max(2.0)))
-                    height="6" fill=(color) {}
-            }
-        }
-        _ => html! {},
-    };
-    html! {
-        svg width=(BAR_W) height="16" role="img" {
-            (bar(e.a_p50, 1.0, BASELINE_COLOR))
-            (bar(e.b_p50, 9.0, CANARY_COLOR))
-        }
-    }
-}
-
-/// The self-contained HTML page of a replay's comparison (`bakeoff replay --html FILE`).
-pub fn replay_page(c: &crate::replay::Comparison, h: &ReplayHeader<'_>) -> String {
-    let ms = |v: Option<f64>| v.map_or("-".to_string(), |x| short(x / 1e6));
-    let bounds = |b: (Option<f64>, Option<f64>)| format!("{}..{} ms", ms(b.0), ms(b.1));
-    let all: Vec<f64> = c
-        .endpoints
-        .iter()
-        .flat_map(|e| [e.a_p50.0, e.a_p50.1, e.b_p50.0, e.b_p50.1])
-        .flatten()
-        .map(|ns| ns / 1e6)
-        .collect();
-    let lo = all.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = all.iter().copied().fold(0.0, f64::max);
-    let verdict = if c.regressed() { "fail" } else { "pass" };
-    let page = html! {
-        (DOCTYPE)
-        html lang="en" {
-            head {
-                meta charset="utf-8";
-                title { "bakeoff replay: " (h.experiment) " " (h.cohort) }
-                style { (PreEscaped(STYLE)) }
-            }
-            body {
-                h1 { "Replay of " code { (h.file) } }
-                p {
-                    span.badge.(verdict) #decision data-decision=(verdict) {
-                        @if c.regressed() { "B IS WORSE" } @else { "NO REGRESSION SHOWN" }
-                    }
-                    " " (h.protocol) " capture of experiment " code { (h.experiment) }
-                    ", cohort " code { (h.cohort) } ": "
-                    span #requests data-requests=(h.requests) { (h.requests) }
-                    " requests in " (h.sessions) " sessions replayed against A "
-                    code { (h.a) } " and B " code { (h.b) }
-                    @if let Some(a2) = &h.a2 { ", calibrated with A2 " code { (a2) } }
-                    " (interleaved); " (h.skipped_writes) " writes refused, " (h.errors)
-                    " failed, " (h.late) " sent late."
-                }
-                h2 { "Per endpoint" }
-                table #endpoints {
-                    tr {
-                        th.l { "endpoint" } th { "requests" } th { "A median" } th { "B median" }
-                        th.l { "A " span style=(format!("color:{BASELINE_COLOR}")) { "■" }
-                               " B " span style=(format!("color:{CANARY_COLOR}")) { "■" }
-                               " (log scale)" }
-                        th { "latency" } th { "status" } th { "headers" } th { "body" }
-                        th { "noise" } th { "errors" }
-                    }
-                    @for e in &c.endpoints {
-                        @let bad = e.latency == "slower" || e.status_diffs + e.header_diffs + e.body_diffs > 0;
-                        tr data-endpoint=(e.endpoint) data-latency=(e.latency) {
-                            td.l { code { (e.endpoint) } }
-                            td { (e.requests) }
-                            td { (bounds(e.a_p50)) }
-                            td { (bounds(e.b_p50)) }
-                            td.b { (median_bars(e, lo, hi)) }
-                            td class=(if bad { "fail" } else { "pass" }) { (e.latency) }
-                            td { (e.status_diffs) } td { (e.header_diffs) } td { (e.body_diffs) }
-                            td { (e.noisy) } td { (e.errors) }
-                        }
-                    }
-                }
-                @let examples: Vec<_> = c.endpoints.iter().filter_map(|e| e.example.as_ref().map(|x| (e, x))).collect();
-                @if !examples.is_empty() {
-                    h2 { "Answered differently" }
-                    @for (e, x) in examples {
-                        p {
-                            code { (e.endpoint) } ": " (x.kind)
-                            @if !x.fields.is_empty() { " (" (x.fields.join(", ")) ")" }
-                            " differs, e.g. " code { (x.path) }
-                        }
-                        table { tr { th.l { "A" } td.l { code { (x.a) } } } tr { th.l { "B" } td.l { code { (x.b) } } } }
-                    }
-                }
-                p.note {
-                    "Median bounds: the judge's confidence sequences at level " (c.alpha)
-                    " over all endpoints; latency is reported when B's median is beyond A's by more than "
-                    (format!("{:.0}%", c.tolerance * 100.0))
-                    ". Responses are compared after normalization; noise left out: "
-                    (h.noise.join(", "))
-                    @if h.a2.is_some() { ", and what also differs between A and A2" }
-                    "."
-                }
-            }
-        }
-    };
-    page.into_string()
 }

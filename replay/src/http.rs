@@ -10,6 +10,7 @@ use std::{
 
 use crate::{
     noise::Noise,
+    response::dechunk,
     session::{Session, chunked_len, framing},
 };
 
@@ -145,10 +146,10 @@ pub fn replay_each(
     out
 }
 
-fn connect(target: &SocketAddr, options: &ReplayOptions) -> std::io::Result<TcpStream> {
-    let s = TcpStream::connect_timeout(target, options.timeout)?;
-    s.set_read_timeout(Some(options.timeout))?;
-    s.set_write_timeout(Some(options.timeout))?;
+fn connect(target: &SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(target, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
     s.set_nodelay(true)?;
     Ok(s)
 }
@@ -244,63 +245,100 @@ fn run_session(
             as usize;
         for k in 0..targets.len() {
             let t = (first + k) % targets.len();
-            let mut outcome = Outcome {
-                session: session.conn,
-                index,
-                method: req.method.clone(),
-                path: req.path.clone(),
-                status: None,
-                latency_ns: 0,
-                body_hash: 0,
-                body_bytes: 0,
-                error: None,
-                late_ns,
-                headers_hash: 0,
-                headers: Vec::new(),
-                body_fields: Vec::new(),
-                body_excerpt: String::new(),
-            };
-            let stream = match conns[t]
-                .take()
-                .map_or_else(|| connect(&targets[t], options), Ok)
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    outcome.error = Some(format!("connect: {e}"));
-                    out[t].push(outcome);
-                    continue;
-                }
-            };
-            let started = Instant::now();
-            match exchange(stream, &req.bytes, req.method == "HEAD") {
-                Ok((response, keep)) => {
-                    outcome.latency_ns = started.elapsed().as_nanos() as u64;
-                    outcome.status = Some(response.status);
-                    outcome.body_bytes = response.body.len() as u64;
-                    let n = options.noise.normalize(
-                        response.status,
-                        response
-                            .headers
-                            .iter()
-                            .map(|(k, v)| (k.as_str(), v.as_slice())),
-                        &response.body,
-                    );
-                    outcome.body_hash = n.body_hash();
-                    outcome.headers_hash = n.headers_hash();
-                    outcome.body_excerpt = n.excerpt();
-                    outcome.headers = n.headers;
-                    outcome.body_fields = n.fields;
-                    conns[t] = keep;
-                }
-                Err(e) => {
-                    outcome.latency_ns = started.elapsed().as_nanos() as u64;
-                    outcome.error = Some(e);
-                }
-            }
+            let mut outcome = Outcome::new(session.conn, index, &req.method, &req.path);
+            outcome.late_ns = late_ns;
+            let (outcome, keep) = send(
+                conns[t].take(),
+                &targets[t],
+                options.timeout,
+                &options.noise,
+                outcome,
+                &req.bytes,
+            );
+            conns[t] = keep;
             out[t].push(outcome);
         }
     }
     (out, skipped)
+}
+
+impl Outcome {
+    /// The outcome of request `index` of session `session`, nothing measured yet.
+    pub fn new(session: u64, index: usize, method: &str, path: &str) -> Self {
+        Self {
+            session,
+            index,
+            method: method.to_string(),
+            path: path.to_string(),
+            status: None,
+            latency_ns: 0,
+            body_hash: 0,
+            body_bytes: 0,
+            error: None,
+            late_ns: 0,
+            headers_hash: 0,
+            headers: Vec::new(),
+            body_fields: Vec::new(),
+            body_excerpt: String::new(),
+        }
+    }
+
+    /// Takes in an answer, normalized by `noise`: the same normalization whether the response
+    /// was read from a socket or framed from a capture, so both compare.
+    pub fn answered(
+        &mut self,
+        noise: &Noise,
+        status: u16,
+        headers: &[(String, Vec<u8>)],
+        body: &[u8],
+    ) {
+        self.status = Some(status);
+        self.body_bytes = body.len() as u64;
+        let n = noise.normalize(
+            status,
+            headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+            body,
+        );
+        self.body_hash = n.body_hash();
+        self.headers_hash = n.headers_hash();
+        self.body_excerpt = n.excerpt();
+        self.headers = n.headers;
+        self.body_fields = n.fields;
+    }
+}
+
+/// Sends one request (`bytes`, exactly) to `target` on `conn`, or on a new connection when
+/// there is none, and reads and measures its response (`latency_ns`: the request's first byte
+/// written to the response's last byte read, by this client). Returns `outcome` filled in (an
+/// `error` when it failed) and the connection when it stays open, for the next request.
+pub fn send(
+    conn: Option<TcpStream>,
+    target: &SocketAddr,
+    timeout: Duration,
+    noise: &Noise,
+    mut outcome: Outcome,
+    bytes: &[u8],
+) -> (Outcome, Option<TcpStream>) {
+    let stream = match conn.map_or_else(|| connect(target, timeout), Ok) {
+        Ok(s) => s,
+        Err(e) => {
+            outcome.error = Some(format!("connect: {e}"));
+            return (outcome, None);
+        }
+    };
+    let started = Instant::now();
+    match exchange(stream, bytes, outcome.method == "HEAD") {
+        Ok((response, keep)) => {
+            outcome.latency_ns = started.elapsed().as_nanos() as u64;
+            outcome.answered(noise, response.status, &response.headers, &response.body);
+            (outcome, keep)
+        }
+        Err(e) => {
+            outcome.latency_ns = started.elapsed().as_nanos() as u64;
+            outcome.error = Some(e);
+            (outcome, None)
+        }
+    }
 }
 
 struct Response {
@@ -412,23 +450,6 @@ fn read_body(
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-}
-
-/// The data of a complete chunked body.
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(line) = b.windows(2).position(|w| w == b"\r\n") {
-        let size = std::str::from_utf8(&b[..line])
-            .ok()
-            .and_then(|t| usize::from_str_radix(t.split(';').next()?.trim(), 16).ok())
-            .unwrap_or(0);
-        if size == 0 || line + 2 + size > b.len() {
-            break;
-        }
-        out.extend_from_slice(&b[line + 2..line + 2 + size]);
-        b = &b[(line + 4 + size).min(b.len())..];
-    }
-    out
 }
 
 #[cfg(test)]

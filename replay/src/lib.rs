@@ -17,9 +17,10 @@
 pub mod http;
 pub mod noise;
 pub mod postgres;
+pub mod response;
 pub mod session;
 
-pub use http::{Outcome, ReplayOptions, Replayed, Timing, replay, replay_each};
+pub use http::{Outcome, ReplayOptions, Replayed, Timing, replay, replay_each, send};
 pub use noise::{Noise, NoiseRules};
 pub use session::{Request, Session, sessions};
 

@@ -6,6 +6,11 @@
 //! - `GET /api/v1/captures/{id}`: one capture's status, per probe, losses included
 //! - `POST /api/v1/captures/{id}/stop`
 //! - `GET /api/v1/captures/{id}/file`: the capture file, once complete
+//! - `GET /api/v1/captures/{id}/stream`: a running capture's records as they arrive (chunked,
+//!   each in the capture file's record framing, connections renumbered as in the file), until
+//!   it completes; what `bakeoff shadow` reads. A reader that falls behind loses records,
+//!   counted in the capture's `losses["stream_dropped"]`, rather than slow the capture. 409 once
+//!   complete
 //!
 //! Each start, stop and download is written to the audit log first: a command that cannot be
 //! recorded is refused (503).
@@ -18,12 +23,16 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use tokio_stream::StreamExt as _;
 
 use crate::{
     api::http::{ApiError, ApiState},
     audit::Entry,
-    capture::{CaptureError, CaptureInfo, CaptureSpec},
+    capture::{CaptureError, CaptureInfo, CaptureSpec, encode_records},
 };
+
+/// Batches of records a stream reader may have waiting before newer ones are dropped.
+const STREAM_QUEUE: usize = 1024;
 
 pub fn routes() -> Router<ApiState> {
     Router::new()
@@ -31,12 +40,15 @@ pub fn routes() -> Router<ApiState> {
         .route("/api/v1/captures/{id}", get(status))
         .route("/api/v1/captures/{id}/stop", post(stop))
         .route("/api/v1/captures/{id}/file", get(file))
+        .route("/api/v1/captures/{id}/stream", get(stream))
 }
 
 impl From<CaptureError> for ApiError {
     fn from(e: CaptureError) -> Self {
         let code = match &e {
-            CaptureError::NoProbe { .. } | CaptureError::NotDone(_) => StatusCode::CONFLICT,
+            CaptureError::NoProbe { .. } | CaptureError::NotDone(_) | CaptureError::Complete(_) => {
+                StatusCode::CONFLICT
+            }
             CaptureError::NotFound(_) => StatusCode::NOT_FOUND,
             CaptureError::Bad(_) => StatusCode::BAD_REQUEST,
             CaptureError::File(_) | CaptureError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -186,4 +198,24 @@ async fn file(
         body,
     )
         .into_response())
+}
+
+async fn stream(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let info = s.captures.info(&id)?;
+    if info.state != "recording" && info.state != "stopping" {
+        return Err(CaptureError::Complete(id).into());
+    }
+    // Payloads leave the collector: recorded like a download.
+    audit(&s, entry("capture.stream", actor(&req), &info))?;
+    let rx = s.captures.subscribe(&id, STREAM_QUEUE)?;
+    let body = Body::from_stream(
+        tokio_stream::wrappers::ReceiverStream::new(rx).map(|records| {
+            Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(encode_records(&records)))
+        }),
+    );
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }
