@@ -1367,7 +1367,9 @@ impl Pairing {
         }
         let sql = text(raw, cut);
         let stmt = Stmt::from_sql(&sql, cut);
-        let sql = (!cut).then(|| Box::<str>::from(sql.as_ref()));
+        // Only named statements outlive their group: the unnamed one (re-parsed by every
+        // extended-protocol call of most drivers) is never session state, so no copy of it.
+        let sql = (!cut && !name.is_empty()).then(|| Box::<str>::from(sql.as_ref()));
         let size = stmt.path.len() + name.len() + sql.as_ref().map_or(0, |s| s.len());
         if let Some(old) = self.statements.remove(name) {
             self.statement_bytes -= entry_bytes(&old, name);

@@ -476,7 +476,7 @@ fn run(cli: Cli) -> Result<()> {
             None => None,
         };
         // The control channel beside the event stream: captures on demand.
-        let control = match &config.collector {
+        let mut control = match &config.collector {
             Some(c) => {
                 if c.tls.is_none() && c.captures {
                     tracing::warn!(
@@ -493,7 +493,6 @@ fn run(cli: Cli) -> Result<()> {
             }
             None => None,
         };
-        let mut control = control;
         let mut remote = RemoteCaptures::new(
             config.collector.as_ref().is_some_and(|c| c.captures),
             config.experiment.clone(),

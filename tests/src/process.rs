@@ -95,6 +95,20 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -
 }
 
 /// Waits until a TCP port on loopback accepts connections.
+/// Starts `bakeoff-testserver` with `args` on a free port (in the test's own cgroup; see
+/// `Cgroup::spawn_test_server` for a watched one); returns once it listens.
+pub fn spawn_test_server(args: &[&str]) -> Result<(Guard, u16)> {
+    let port = free_port();
+    let guard = Guard::spawn(
+        "test server",
+        Command::new(bin("bakeoff-testserver")?)
+            .args(["--port", &port.to_string()])
+            .args(args),
+    )?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    Ok((guard, port))
+}
+
 /// Waits for `child` to exit (killed after `timeout`, an error) and returns its output.
 pub fn wait_output(
     mut child: std::process::Child,

@@ -2,11 +2,11 @@
 //! redaction rules) against what, `bakeoff audit` shows and verifies it, a tampered log is named
 //! at its line (exit 1) and a replay refuses to extend it.
 
-use std::{path::Path, process::Output, time::Duration};
+use std::{path::Path, process::Output};
 
 use anyhow::{Result, ensure};
 use bakeoff_capture::{ConnInfo, Direction, Record};
-use bakeoff_testkit::process::{Guard, bin, free_port, scratch_dir, wait_for_port};
+use bakeoff_testkit::process::{bin, scratch_dir};
 
 fn get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").into_bytes()
@@ -71,12 +71,7 @@ fn replays_are_audited_and_a_tampered_log_is_named_and_refused() -> Result<()> {
     write_capture(&capture)?;
     // A directory that does not exist yet: the log creates it.
     let log = dir.join("state/bakeoff/audit.log");
-    let port = free_port();
-    let _server = Guard::spawn(
-        "test server",
-        std::process::Command::new(bin("bakeoff-testserver")?).args(["--port", &port.to_string()]),
-    )?;
-    wait_for_port(port, Duration::from_secs(10))?;
+    let (_server, port) = bakeoff_testkit::process::spawn_test_server(&[])?;
     let target = format!("127.0.0.1:{port}");
     let (capture_s, log_s) = (
         capture.to_string_lossy().into_owned(),

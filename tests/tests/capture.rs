@@ -56,6 +56,24 @@ http {{
     )
 }
 
+/// nginx in `cg` serving the capture routes over HTTP and HTTPS; its guard and both ports.
+fn start_nginx(dir: &Path, cg: &Cgroup, pki: &Pki) -> Result<(Guard, u16, u16)> {
+    let (port, tls_port) = (free_port(), free_port());
+    std::fs::write(dir.join("nginx.conf"), nginx_conf(dir, port, tls_port, pki))?;
+    let nginx = Guard::shell(
+        "nginx",
+        &format!(
+            "{}/usr/sbin/nginx -c {d}/nginx.conf -p {d}",
+            cg.exec_prefix(),
+            d = dir.display()
+        ),
+        &[],
+    )?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    wait_for_port(tls_port, Duration::from_secs(10))?;
+    Ok((nginx, port, tls_port))
+}
+
 fn curl(url: &str, ca: &Path, post: bool) -> Result<()> {
     let mut cmd = Command::new("curl");
     cmd.args(["-sS", "--http1.1", "-o", "/dev/null", "--cacert"])
@@ -87,22 +105,7 @@ fn a_recorded_cohort_is_complete_and_redacted() -> Result<()> {
         let dir = scratch_dir(&format!("capture-{path}"))?;
         let pki = Pki::create(&dir)?;
         let cg = Cgroup::create(&format!("bakeoff-capture-{path}-{}", std::process::id()))?;
-        let (port, tls_port) = (free_port(), free_port());
-        std::fs::write(
-            dir.join("nginx.conf"),
-            nginx_conf(&dir, port, tls_port, &pki),
-        )?;
-        let _nginx = Guard::shell(
-            "nginx",
-            &format!(
-                "{}/usr/sbin/nginx -c {d}/nginx.conf -p {d}",
-                cg.exec_prefix(),
-                d = dir.display()
-            ),
-            &[],
-        )?;
-        wait_for_port(port, Duration::from_secs(10))?;
-        wait_for_port(tls_port, Duration::from_secs(10))?;
+        let (_nginx, port, tls_port) = start_nginx(&dir, &cg, &pki)?;
         let file = dir.join("canary.bkcap");
         let probe = ProbeRun::start(
             &dir,
@@ -309,22 +312,7 @@ fn a_capture_asked_of_the_collector_is_recorded_by_the_probe_and_never_holds_sec
     std::fs::create_dir_all(&collector_dir)?;
     let pki = Pki::create(&dir)?;
     let cg = Cgroup::create(&format!("bakeoff-capture-remote-{}", std::process::id()))?;
-    let (port, tls_port) = (free_port(), free_port());
-    std::fs::write(
-        dir.join("nginx.conf"),
-        nginx_conf(&dir, port, tls_port, &pki),
-    )?;
-    let _nginx = Guard::shell(
-        "nginx",
-        &format!(
-            "{}/usr/sbin/nginx -c {d}/nginx.conf -p {d}",
-            cg.exec_prefix(),
-            d = dir.display()
-        ),
-        &[],
-    )?;
-    wait_for_port(port, Duration::from_secs(10))?;
-    wait_for_port(tls_port, Duration::from_secs(10))?;
+    let (_nginx, port, tls_port) = start_nginx(&dir, &cg, &pki)?;
     let p = |f: &Path| f.display().to_string();
     let collector = bakeoff_testkit::collector::Collector::start_with(
         &collector_dir,
@@ -525,7 +513,7 @@ fn a_capture_asked_of_the_collector_is_recorded_by_the_probe_and_never_holds_sec
             && stopped["requests"].as_u64().is_some_and(|n| n >= 1),
         "{stopped:#}"
     );
-    let result = probe.stop()?;
+    probe.stop()?;
     drop(collector);
     // Nothing the collector holds carries a secret: capture, database, logs, audit log.
     let held = files(&collector_dir)?;
@@ -564,6 +552,5 @@ fn a_capture_asked_of_the_collector_is_recorded_by_the_probe_and_never_holds_sec
         "audit: {audit_text}{}",
         String::from_utf8_lossy(&audit.stderr)
     );
-    drop(result);
     Ok(())
 }

@@ -143,43 +143,49 @@ fn captured_sessions_replay_in_order_with_writes_refused_unless_allowed() -> Res
     Ok(())
 }
 
+/// A capture of `sessions` connections, each sending GETs of the paths `paths(conn)` gives.
+fn write_gets(
+    file: &std::path::Path,
+    sessions: u64,
+    paths: impl Fn(u64) -> Vec<String>,
+) -> Result<()> {
+    let mut w = bakeoff_capture::CaptureWriter::new(
+        std::fs::File::create(file)?,
+        &bakeoff_capture::Meta {
+            cohort: "canary".into(),
+            ..Default::default()
+        },
+    )?;
+    for conn in 0..sessions {
+        w.write(&open(conn))?;
+        for path in paths(conn) {
+            w.write(&Record::data(conn, Direction::Ingress, 10, get(&path)))?;
+        }
+    }
+    w.finish()?;
+    Ok(())
+}
+
 /// `bakeoff replay FILE --target A --against B`: B (the test server with 30 ms more on
 /// `/bytes/`) is slower on that endpoint only, exit 1; the same server against itself passes.
 #[test]
 fn bakeoff_replay_names_the_slower_endpoint() -> Result<()> {
     let dir = bakeoff_testkit::process::scratch_dir("replay-cli")?;
     let file = dir.join("capture.bkcap");
-    let mut w = bakeoff_capture::CaptureWriter::new(
-        std::fs::File::create(&file)?,
-        &bakeoff_capture::Meta {
-            cohort: "canary".into(),
-            ..Default::default()
-        },
-    )?;
     // 60 sessions of 5 requests each: enough for the median bounds to separate.
-    for conn in 0..60u64 {
-        w.write(&open(conn))?;
-        for i in 0..5 {
-            let path = if i % 2 == 0 {
-                "/bytes/100"
-            } else {
-                "/status/200"
-            };
-            w.write(&Record::data(conn, Direction::Ingress, 10, get(path)))?;
-        }
-    }
-    w.finish()?;
-    let server = |extra: &[&str]| -> Result<(Guard, u16)> {
-        let port = free_port();
-        let g = Guard::spawn(
-            "test server",
-            std::process::Command::new(bin("bakeoff-testserver")?)
-                .args(["--port", &port.to_string()])
-                .args(extra),
-        )?;
-        wait_for_port(port, Duration::from_secs(10))?;
-        Ok((g, port))
-    };
+    write_gets(&file, 60, |_| {
+        (0..5)
+            .map(|i| {
+                if i % 2 == 0 {
+                    "/bytes/100"
+                } else {
+                    "/status/200"
+                }
+                .to_string()
+            })
+            .collect()
+    })?;
+    let server = bakeoff_testkit::process::spawn_test_server;
     let (_a, a) = server(&[])?;
     let (_b, b) = server(&["--slow-path", "/bytes/", "--slow-ms", "30"])?;
     let run = |against: u16| -> Result<(i32, serde_json::Value)> {
@@ -248,40 +254,17 @@ fn bakeoff_replay_names_the_slower_endpoint() -> Result<()> {
 fn bakeoff_replay_finds_a_changed_body_and_not_declared_noise() -> Result<()> {
     let dir = bakeoff_testkit::process::scratch_dir("replay-noise")?;
     let file = dir.join("capture.bkcap");
-    let mut w = bakeoff_capture::CaptureWriter::new(
-        std::fs::File::create(&file)?,
-        &bakeoff_capture::Meta {
-            cohort: "canary".into(),
-            ..Default::default()
-        },
-    )?;
     // 60 sessions of 8 requests: 120 per endpoint, enough for the median bounds to separate.
-    let routes = |conn: u64| {
-        [
+    write_gets(&file, 60, |conn| {
+        let routes = [
             format!("/api/catalog/{conn}"),
             format!("/api/offers/{conn}"),
             "/bytes/100".to_string(),
             "/status/200".to_string(),
-        ]
-    };
-    for conn in 0..60u64 {
-        w.write(&open(conn))?;
-        for path in routes(conn).iter().chain(routes(conn).iter()) {
-            w.write(&Record::data(conn, Direction::Ingress, 10, get(path)))?;
-        }
-    }
-    w.finish()?;
-    let server = |extra: &[&str]| -> Result<(Guard, u16)> {
-        let port = free_port();
-        let g = Guard::spawn(
-            "test server",
-            std::process::Command::new(bin("bakeoff-testserver")?)
-                .args(["--port", &port.to_string()])
-                .args(extra),
-        )?;
-        wait_for_port(port, Duration::from_secs(10))?;
-        Ok((g, port))
-    };
+        ];
+        routes.iter().chain(routes.iter()).cloned().collect()
+    })?;
+    let server = bakeoff_testkit::process::spawn_test_server;
     let (_a, a) = server(&[])?;
     let (_a2, a2) = server(&[])?;
     let (_b, b) = server(&[

@@ -14,7 +14,7 @@ use bakeoff_testkit::{
     client::{Conn, Request},
     collector::Collector,
     probe::ProbeRun,
-    process::{Guard, bin, free_port, scratch_dir, wait_for_port, wait_output},
+    process::{bin, scratch_dir, wait_output},
 };
 
 /// Both servers add this to every answer, so that a route's own time dominates the round trip
@@ -32,16 +32,16 @@ fn a_shadow_gets_the_cohorts_reads_as_they_happen_and_its_differences_are_found(
     std::fs::create_dir_all(&collector_dir)?;
     let cg = Cgroup::create(&format!("bakeoff-shadow-{}", std::process::id()))?;
     let (_live, live_port) = cg.spawn_test_server(&format!("--delay-ms {BASE_DELAY_MS}"))?;
-    let shadow_port = free_port();
-    let _shadow = Guard::spawn(
-        "shadow test server",
-        Command::new(bin("bakeoff-testserver")?)
-            .args(["--port", &shadow_port.to_string()])
-            .args(["--delay-ms", BASE_DELAY_MS])
-            .args(["--slow-path", "/bytes/", "--slow-ms", "20"])
-            .args(["--change-body-path", "/api/catalog/"]),
-    )?;
-    wait_for_port(shadow_port, Duration::from_secs(10))?;
+    let (_shadow, shadow_port) = bakeoff_testkit::process::spawn_test_server(&[
+        "--delay-ms",
+        BASE_DELAY_MS,
+        "--slow-path",
+        "/bytes/",
+        "--slow-ms",
+        "20",
+        "--change-body-path",
+        "/api/catalog/",
+    ])?;
     let collector = Collector::start(&collector_dir)?;
     let api = format!("http://127.0.0.1:{}", collector.http_port);
     let probe = ProbeRun::start(
